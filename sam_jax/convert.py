@@ -1,0 +1,215 @@
+"""Converting between the reference's PyTorch state dicts and sam_jax parameters.
+
+Parameter names mirror the reference's, so the mapping is mechanical: a Flax
+module `blocks_3` is PyTorch's `blocks.3`, `kernel`/`scale`/`embedding` are
+`weight`, Dense kernels are transposed and convolution kernels go from
+(kh, kw, in, out) to (out, in, kh, kw) (transposed convolutions from
+(kh, kw, out, in) to (in, out, kh, kw), the same permutation).
+"""
+
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from sam_jax.build import VARIANTS, model_config
+
+Params = Dict[str, Any]
+
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+_TO_TORCH_4D = (3, 2, 0, 1)
+_FROM_TORCH_4D = (2, 3, 1, 0)
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model; the message lists every problem."""
+
+
+def torch_key(path: Tuple[str, ...]) -> str:
+  """('image_encoder', 'blocks_3', 'attn', 'qkv', 'kernel') -> 'image_encoder.blocks.3.attn.qkv.weight'."""
+  *modules, leaf = path
+  parts = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
+  return ".".join(parts + [_LEAF_NAMES.get(leaf, leaf)])
+
+
+def _to_torch(leaf: str, x: np.ndarray) -> np.ndarray:
+  if leaf == "kernel":
+    return x.T if x.ndim == 2 else x.transpose(_TO_TORCH_4D)
+  return x
+
+
+def _from_torch(leaf: str, x: np.ndarray) -> np.ndarray:
+  if leaf == "kernel":
+    return x.T if x.ndim == 2 else x.transpose(_FROM_TORCH_4D)
+  return x
+
+
+def _paths(tree: Params):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+
+
+def params_to_state_dict(params: Params) -> Dict[str, np.ndarray]:
+  """sam_jax parameters -> the reference's state dict, as NumPy arrays."""
+  return {torch_key(path): np.ascontiguousarray(_to_torch(path[-1], np.asarray(x)))
+          for path, x in _paths(params)}
+
+
+def state_dict_to_params(state_dict: Dict[str, np.ndarray], abstract_params: Params) -> Params:
+  """The reference's state dict -> parameters shaped like `abstract_params`.
+
+  Every key must be consumed and every parameter filled; otherwise raises
+  `ConversionError` naming each missing, unexpected and mis-shaped tensor.
+  """
+  missing, wrong_shape, used = [], [], set()
+  leaves = []
+  for path, target in _paths(abstract_params):
+    key = torch_key(path)
+    if key not in state_dict:
+      missing.append(key)
+      leaves.append(None)
+      continue
+    used.add(key)
+    value = _from_torch(path[-1], np.asarray(state_dict[key]))
+    if value.shape != tuple(target.shape):
+      wrong_shape.append(f"{key}: checkpoint {tuple(np.asarray(state_dict[key]).shape)}, "
+                         f"model expects {tuple(_to_torch(path[-1], np.empty(target.shape)).shape)}")
+    leaves.append(value.astype(target.dtype))
+  unexpected = sorted(set(state_dict) - used)
+  if missing or unexpected or wrong_shape:
+    lines = ["The checkpoint does not fit the model:"]
+    for title, names in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", wrong_shape)):
+      if names:
+        lines.append(f"  {len(names)} {title}:")
+        lines += [f"    {n}" for n in names]
+    raise ConversionError("\n".join(lines))
+  treedef = jax.tree_util.tree_structure(abstract_params)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def infer_config(state_dict: Dict[str, np.ndarray],
+                 variant: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The model config that a reference state dict was built with.
+
+  The variant is read from the encoder width unless given; depth, heads,
+  window, global blocks, image size and decoder sizes are read from the
+  tensor shapes, so that shrunk and ablated models convert too. With
+  `variant` given, a checkpoint of another variant is an error.
+  """
+  def shape(key):
+    if key not in state_dict:
+      raise ConversionError(f"The checkpoint has no tensor {key!r}: it is not a SAM checkpoint.")
+    return tuple(np.shape(state_dict[key]))
+
+  embed_dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
+  by_width = {dims[0]: name for name, dims in VARIANTS.items()}
+  if variant is None:
+    variant = by_width.get(embed_dim, "vit_b")
+  elif variant not in VARIANTS:
+    raise ConversionError(f"Unknown model type {variant!r}; choose one of {sorted(VARIANTS)}.")
+  elif VARIANTS[variant][0] != embed_dim:
+    raise ConversionError(
+        f"--model-type {variant} expects an encoder width of {VARIANTS[variant][0]}, but the "
+        f"checkpoint's is {embed_dim} ({by_width.get(embed_dim, 'no released variant')}).")
+  config = model_config(variant)
+  enc = config.image_encoder
+  depth = 1 + max(int(m.group(1)) for k in state_dict
+                  if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k)))
+  enc.embed_dim, enc.patch_size, enc.depth = embed_dim, patch, depth
+  enc.mlp_ratio = shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / embed_dim
+  enc.qkv_bias = "image_encoder.blocks.0.attn.qkv.bias" in state_dict
+  enc.use_abs_pos = "image_encoder.pos_embed" in state_dict
+  enc.use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state_dict
+  if enc.use_abs_pos:
+    _, gh, gw, _ = shape("image_encoder.pos_embed")
+    config.image_size = gh * patch if gh == gw else (gh * patch, gw * patch)
+  if enc.use_rel_pos:
+    tables = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
+    enc.num_heads = embed_dim // tables[0][1]
+    sizes = sorted({t[0] for t in tables})
+    if len(sizes) == 2:  # windowed blocks have the smaller table
+      enc.window_size = (sizes[0] + 1) // 2
+      enc.global_attn_indexes = tuple(i for i, t in enumerate(tables) if t[0] == sizes[1])
+    elif enc.use_abs_pos and sizes[0] == 2 * (gh if gh == gw else gh) - 1:
+      enc.global_attn_indexes = tuple(range(depth))
+    else:
+      enc.window_size = (sizes[0] + 1) // 2
+      enc.global_attn_indexes = ()
+  config.prompt_embed_dim = shape("image_encoder.neck.0.weight")[0]
+  config.prompt_encoder.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight")[0]
+  dec = config.mask_decoder
+  dec.num_multimask_outputs = shape("mask_decoder.mask_tokens.weight")[0] - 1
+  dec.transformer_depth = 1 + max(int(m.group(1)) for k in state_dict
+                                  if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k)))
+  dec.transformer_mlp_dim = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0]
+  dec.attention_downsample_rate = config.prompt_embed_dim // shape(
+      "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
+  dec.iou_head_depth = len([k for k in state_dict if re.match(
+      r"mask_decoder\.iou_prediction_head\.layers\.\d+\.weight$", k)])
+  dec.iou_head_hidden_dim = shape("mask_decoder.iou_prediction_head.layers.0.weight")[0]
+  return config
+
+
+def describe_foreign(state_dict: Any) -> Optional[str]:
+  """Why `state_dict` is not a SAM (v1) state dict, or None if it may be one."""
+  if not isinstance(state_dict, dict):
+    return f"it holds a {type(state_dict).__name__}, not a state dict of tensors"
+  keys = [k for k in state_dict if isinstance(k, str)]
+  if "model" in state_dict and isinstance(state_dict["model"], dict):
+    inner = state_dict["model"]
+    if any(k.startswith("image_encoder.trunk.") or k.startswith("memory_attention.")
+           for k in inner):
+      return ("it is a SAM 2 checkpoint (image_encoder.trunk / memory_attention); sam_jax "
+              "implements SAM 1: use the sam_vit_b/l/h checkpoints")
+    return ("it wraps its weights in a 'model' entry: extract that state dict "
+            "(torch.save(ckpt['model'], path)) and convert the result")
+  if any(k.startswith("vision_encoder.") for k in keys):
+    return ("it is a Hugging Face transformers SamModel checkpoint (vision_encoder.*); "
+            "convert Meta's original sam_vit_*.pth files instead")
+  if not any(k.startswith("image_encoder.") for k in keys):
+    sample = ", ".join(keys[:3]) or "no tensors"
+    return f"it has no image_encoder.* tensors (first keys: {sample}); it is not a SAM checkpoint"
+  return None
+
+
+def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
+  """Loads a reference `.pth` state dict as NumPy arrays, with clear errors."""
+  import os
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(
+        "Reading .pth files needs PyTorch: pip install 'sam_jax[torch]'.") from e
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path} does not exist or is not a file.")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for unreadable files
+    raise ConversionError(
+        f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or another "
+        f"format): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  why = describe_foreign(obj)
+  if why:
+    raise ConversionError(f"Cannot convert {path}: {why}.")
+  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def write_torch_checkpoint(state_dict: Dict[str, np.ndarray], path: str) -> None:
+  """Saves a state dict as the official files are saved (torch.save of tensors)."""
+  import collections
+  import os
+  import tempfile
+  import torch
+  tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".pth.tmp")
+  os.close(fd)
+  try:
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

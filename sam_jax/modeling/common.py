@@ -1,0 +1,33 @@
+"""Building blocks shared by the three SAM components."""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# The reference uses torch.nn.GELU, i.e. the exact erf form; Flax defaults to tanh.
+gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
+
+
+def layer_norm(eps: float, name: str, dtype=jnp.float32) -> nn.LayerNorm:
+  # Flax's default "fast variance" E[x^2] - E[x]^2 loses digits that the
+  # reference's two-pass variance keeps; parity needs the two-pass form.
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def layer_norm_2d(name: str, dtype=jnp.float32) -> nn.LayerNorm:
+  """SAM's LayerNorm2d: a channel LayerNorm (eps 1e-6); channels are last here."""
+  return layer_norm(1e-6, name, dtype)
+
+
+class MLPBlock(nn.Module):
+  """Two linear layers with an activation between them (`lin1`, `lin2`)."""
+  mlp_dim: int
+  act: Callable = gelu
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="lin1")(x)
+    return nn.Dense(dim, dtype=self.dtype, name="lin2")(self.act(x))

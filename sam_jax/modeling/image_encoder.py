@@ -1,0 +1,210 @@
+"""SAM's image encoder: a plain ViT with windowed attention (ViTDet style).
+
+Channels are last throughout: images are (B, H, W, 3), tokens (B, h, w, C) and
+the output embedding (B, h, w, out_chans).
+"""
+
+from typing import Sequence, Tuple
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.modeling.common import MLPBlock, layer_norm, layer_norm_2d
+
+
+def window_partition(x: jax.Array, window: int) -> Tuple[jax.Array, Tuple[int, int]]:
+  """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padding H and W."""
+  _, h, w, _ = x.shape
+  pad_h, pad_w = -h % window, -w % window
+  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  windows = einops.rearrange(
+      x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window, ww=window)
+  return windows, (h + pad_h, w + pad_w)
+
+
+def window_unpartition(windows: jax.Array, window: int, padded_hw: Tuple[int, int],
+                       hw: Tuple[int, int]) -> jax.Array:
+  """Inverse of `window_partition`, dropping the padding."""
+  hp, wp = padded_hw
+  x = einops.rearrange(
+      windows, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c",
+      nh=hp // window, nw=wp // window)
+  return x[:, :hw[0], :hw[1], :]
+
+
+def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) matrix of 1-D linear interpolation, half-pixel centres.
+
+  Equals torch's `F.interpolate(mode="linear", align_corners=False)` without
+  antialiasing, which is how the reference resizes relative-position tables.
+  """
+  scale = np.float32(in_size / out_size)
+  src = np.maximum((np.arange(out_size, dtype=np.float32) + 0.5) * scale - 0.5, 0.0)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = (src - lo).astype(np.float32)
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), hi), frac)
+  return m
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """Relative-position embeddings (q_size, k_size, C) for one spatial axis.
+
+  A table of another length (e.g. from a checkpoint at another image size) is
+  linearly resized first, as in the reference.
+  """
+  max_rel_dist = 2 * max(q_size, k_size) - 1
+  if rel_pos.shape[0] != max_rel_dist:
+    rel_pos = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], max_rel_dist),
+                          rel_pos.dtype) @ rel_pos
+  # Shapes are static: the index table is computed once, at trace time, in the
+  # same float32 arithmetic as the reference.
+  q_coords = np.arange(q_size, dtype=np.float32)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = np.arange(k_size, dtype=np.float32)[None, :] * max(q_size / k_size, 1.0)
+  relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[relative.astype(np.int64)]
+
+
+def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                            q_size: Tuple[int, int], k_size: Tuple[int, int]) -> jax.Array:
+  """MViTv2's decomposed relative-position bias, (B, qh*qw, kh*kw).
+
+  q is (B, qh*qw, C), unscaled, as in the reference.
+  """
+  (qh, qw), (kh, kw) = q_size, k_size
+  rh = get_rel_pos(qh, kh, rel_pos_h)
+  rw = get_rel_pos(qw, kw, rel_pos_w)
+  r_q = q.reshape(q.shape[0], qh, qw, q.shape[-1])
+  rel_h = jnp.einsum("bhwc,hkc->bhwk", r_q, rh)
+  rel_w = jnp.einsum("bhwc,wkc->bhwk", r_q, rw)
+  bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+  return bias.reshape(q.shape[0], qh * qw, kh * kw)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over a (B, H, W, C) grid, with relative positions."""
+  num_heads: int
+  use_rel_pos: bool = True
+  input_size: Tuple[int, int] = (14, 14)  # sizes the relative-position tables
+  qkv_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, dim = x.shape
+    head_dim = dim // self.num_heads
+    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    q, k, v = einops.rearrange(
+        qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=self.num_heads)
+    attn = (q * head_dim**-0.5) @ jnp.swapaxes(k, -1, -2)
+    if self.use_rel_pos:
+      init = nn.initializers.zeros
+      rel_pos_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, head_dim))
+      rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, head_dim))
+      attn = attn + decomposed_rel_pos_bias(
+          q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    x = einops.rearrange(attn @ v, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
+    return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; window_size 0 means global attention."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  window_size: int = 0
+  input_size: Tuple[int, int] = (64, 64)  # token grid, for global blocks' tables
+  use_rel_pos: bool = True
+  qkv_bias: bool = True
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    shortcut = x
+    x = layer_norm(1e-6, "norm1", self.dtype)(x)
+    if self.window_size > 0:
+      hw = x.shape[1:3]
+      x, padded_hw = window_partition(x, self.window_size)
+    table_size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
+    x = Attention(self.num_heads, self.use_rel_pos, table_size, self.qkv_bias,
+                  self.dtype, name="attn")(x)
+    if self.window_size > 0:
+      x = window_unpartition(x, self.window_size, padded_hw, hw)
+    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
+    x = shortcut + drop(x)
+    y = MLPBlock(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+        layer_norm(1e-6, "norm2", self.dtype)(x))
+    return x + drop(y)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches to tokens: (B, H, W, 3) -> (B, H/p, W/p, C)."""
+  patch_size: int
+  embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch_size
+    return nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
+                   dtype=self.dtype, name="proj")(x.astype(self.dtype))
+
+
+class ImageEncoderViT(nn.Module):
+  """ViT backbone plus the neck that maps it to `out_chans` channels."""
+  image_size: Tuple[int, int] = (1024, 1024)
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  window_size: int = 14
+  global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+  use_abs_pos: bool = True
+  use_rel_pos: bool = True
+  qkv_bias: bool = True
+  drop_path_rate: float = 0.0
+  remat: bool = False  # rematerialise each block in the backward pass
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def grid_size(self) -> Tuple[int, int]:
+    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images: (B, H, W, in_chans) normalised and padded to `image_size`."""
+    if tuple(images.shape[1:3]) != tuple(self.image_size):
+      raise ValueError(
+          f"The image encoder expects images of {tuple(self.image_size)} (H, W), got "
+          f"{tuple(images.shape[1:3])}. Pad them (Sam.preprocess does) or build the "
+          "model with that image_size.")
+    x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(images)
+    if self.use_abs_pos:
+      pos = self.param("pos_embed", nn.initializers.zeros, (1, *self.grid_size, self.embed_dim))
+      x = x + pos.astype(x.dtype)
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    for i in range(self.depth):
+      x = block_cls(
+          num_heads=self.num_heads,
+          mlp_ratio=self.mlp_ratio,
+          window_size=0 if i in self.global_attn_indexes else self.window_size,
+          input_size=self.grid_size,
+          use_rel_pos=self.use_rel_pos,
+          qkv_bias=self.qkv_bias,
+          drop_path=self.drop_path_rate * i / max(self.depth - 1, 1),
+          dtype=self.dtype,
+          name=f"blocks_{i}")(x, train)
+    x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
+    x = layer_norm_2d("neck_1", self.dtype)(x)
+    x = nn.Conv(self.out_chans, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+                name="neck_2")(x)
+    return layer_norm_2d("neck_3", self.dtype)(x)

@@ -1,0 +1,93 @@
+"""The whole SAM model: image normalisation and padding, the three components,
+and mask postprocessing, as in the reference's `Sam`."""
+
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sam_jax.modeling.image_encoder import ImageEncoderViT
+from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.prompt_encoder import PromptEncoder
+
+MASK_THRESHOLD = 0.0
+
+
+class Sam(nn.Module):
+  """Segment Anything.
+
+  Images are (B, H, W, 3) RGB in [0, 255], already resized so that the longest
+  side is the model's image size (`sam_jax.transforms.ResizeLongestSide`).
+  Prompts come P to an image: point coordinates (B, P, N, 2) as (x, y) in the
+  resized image's pixels with labels (B, P, N), boxes (B, P, 4), and mask
+  logits (B, P, 4h, 4w) from an earlier prediction.
+  """
+  image_encoder: ImageEncoderViT
+  prompt_encoder: PromptEncoder
+  mask_decoder: MaskDecoder
+  pixel_mean: Sequence[float] = (123.675, 116.28, 103.53)
+  pixel_std: Sequence[float] = (58.395, 57.12, 57.375)
+
+  @property
+  def image_size(self) -> Tuple[int, int]:
+    return tuple(self.image_encoder.image_size)
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    """Normalises and zero-pads (bottom and right) to the encoder's input size."""
+    h, w = images.shape[1:3]
+    if h > self.image_size[0] or w > self.image_size[1]:
+      raise ValueError(
+          f"Images of {h}x{w} are larger than the model's input {self.image_size}: "
+          "resize them with sam_jax.transforms.ResizeLongestSide first.")
+    x = (images - jnp.asarray(self.pixel_mean)) / jnp.asarray(self.pixel_std)
+    return jnp.pad(x, ((0, 0), (0, self.image_size[0] - h), (0, self.image_size[1] - w), (0, 0)))
+
+  def embed_images(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """(B, H, W, 3) images -> (B, h, w, C) image embeddings."""
+    return self.image_encoder(self.preprocess(images), train)
+
+  def decode(
+      self,
+      image_embeddings: jax.Array,
+      point_coords: Optional[jax.Array] = None,
+      point_labels: Optional[jax.Array] = None,
+      boxes: Optional[jax.Array] = None,
+      mask_inputs: Optional[jax.Array] = None,
+      multimask_output: bool = True,
+  ) -> Tuple[jax.Array, jax.Array]:
+    """Masks for P prompts on each of B embedded images.
+
+    Returns low-resolution mask logits (B, P, M, 4h, 4w) and IoU predictions
+    (B, P, M), with M = 3 for multimask output and 1 otherwise.
+    """
+    prompts = [x for x in (point_coords, boxes, mask_inputs) if x is not None]
+    if not prompts:
+      raise ValueError("Give at least one prompt: points, boxes or mask inputs.")
+    b, p = prompts[0].shape[:2]
+    flat = lambda x: None if x is None else x.reshape(b * p, *x.shape[2:])  # noqa: E731
+    points = None if point_coords is None else (flat(point_coords), flat(point_labels))
+    sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs))
+    embeddings = jnp.repeat(image_embeddings, p, axis=0) if p > 1 or b > 1 else image_embeddings
+    masks, iou = self.mask_decoder(
+        embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output,
+        sparse_mask)
+    return masks.reshape(b, p, *masks.shape[1:]), iou.reshape(b, p, -1)
+
+  def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
+               mask_inputs=None, multimask_output=True, train=False):
+    """`embed_images` then `decode`; see those."""
+    return self.decode(self.embed_images(images, train), point_coords, point_labels, boxes,
+                       mask_inputs, multimask_output)
+
+  def postprocess_masks(self, masks: jax.Array, input_size: Tuple[int, int],
+                        original_size: Tuple[int, int]) -> jax.Array:
+    """Low-res logits (..., 4h, 4w) -> logits (..., H0, W0) at the original size.
+
+    Upscales to the padded input, crops the padding away and resizes to the
+    original image, bilinearly, like the reference.
+    """
+    lead = masks.shape[:-2]
+    masks = jax.image.resize(masks, (*lead, *self.image_size), "linear", antialias=False)
+    masks = masks[..., :input_size[0], :input_size[1]]
+    return jax.image.resize(masks, (*lead, *original_size), "linear", antialias=False)

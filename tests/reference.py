@@ -1,0 +1,72 @@
+"""Builds reference (PyTorch) SAM models with every tensor randomised, and the
+matching sam_jax model converted from the saved `.pth`, for parity tests."""
+
+import functools
+import os
+
+import numpy as np
+import torch
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
+                                       TwoWayTransformer)
+
+import convert_weights
+from sam_jax.checkpoint import load_sam
+
+
+def reference_sam(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
+                  image_size=1024, window_size=14, patch_size=16, prompt_embed_dim=256,
+                  decoder_depth=2, decoder_mlp_dim=2048, seed=0) -> Sam:
+  """The reference `Sam` as `_build_sam` makes it, with every tensor randomised.
+
+  The reference zero-initialises pos_embed and every rel_pos_*: parity on
+  those would prove nothing, so all tensors get seeded random values, scaled
+  like a trained network's (unit-variance rows for the Fourier matrix and
+  embeddings, fan-in-scaled weights).
+  """
+  grid = image_size // patch_size
+  sam = Sam(
+      image_encoder=ImageEncoderViT(
+          depth=depth, embed_dim=embed_dim, img_size=image_size, mlp_ratio=4,
+          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), num_heads=num_heads,
+          patch_size=patch_size, qkv_bias=True, use_rel_pos=True,
+          global_attn_indexes=list(global_attn_indexes), window_size=window_size,
+          out_chans=prompt_embed_dim),
+      prompt_encoder=PromptEncoder(
+          embed_dim=prompt_embed_dim, image_embedding_size=(grid, grid),
+          input_image_size=(image_size, image_size), mask_in_chans=16),
+      mask_decoder=MaskDecoder(
+          num_multimask_outputs=3,
+          transformer=TwoWayTransformer(depth=decoder_depth, embedding_dim=prompt_embed_dim,
+                                        mlp_dim=decoder_mlp_dim, num_heads=8),
+          transformer_dim=prompt_embed_dim, iou_head_depth=3, iou_head_hidden_dim=256),
+  ).eval()
+  randomise_(sam, seed)
+  return sam
+
+
+@torch.no_grad()
+def randomise_(module: torch.nn.Module, seed: int) -> None:
+  """Seeded values of a trained network's scale for every tensor."""
+  gen = torch.Generator().manual_seed(seed)
+  for name, t in module.state_dict().items():
+    noise = torch.randn(t.shape, generator=gen)
+    leaf_module = name.rsplit(".", 2)[-2]
+    if t.ndim == 1 and name.endswith(".weight"):  # norm scales
+      t.copy_(1.0 + 0.2 * noise)
+    elif t.ndim == 1:  # biases
+      t.copy_(0.1 * noise)
+    elif name.endswith(("pos_embed", "gaussian_matrix", "rel_pos_h", "rel_pos_w")) \
+        or "embed" in leaf_module or "token" in leaf_module:
+      t.copy_(noise)  # embeddings and tables: unit scale
+    else:
+      t.copy_(noise / np.sqrt(np.prod(t.shape[1:])))  # fan-in scaled weights
+
+
+def save_and_convert(sam: Sam, tmp_path, name="sam"):
+  """Saves `sam` as the official .pth files are saved, converts it, loads it."""
+  pth = os.path.join(tmp_path, f"{name}.pth")
+  torch.save(sam.state_dict(), pth)
+  out = os.path.join(tmp_path, name)
+  assert convert_weights.main(["--checkpoint", pth, "--output", out]) == 0
+  model, params = load_sam(out)
+  return pth, out, model, params
