@@ -54,7 +54,7 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
       ),
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),
-  ))
+  ), type_safe=False)  # image_size may become a (height, width) pair
 
 
 def image_size_hw(config) -> Tuple[int, int]:

@@ -133,7 +133,7 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
             if str(directory).endswith((".pth", ".pt", ".bin")) else "")
     raise CheckpointError(f"{directory} is not a sam_jax checkpoint directory (no {CONFIG_FILE}).{hint}")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f), type_safe=False)
   if isinstance(config.image_size, (list, tuple)):
     config.image_size = tuple(config.image_size)
   return config

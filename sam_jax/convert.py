@@ -127,17 +127,17 @@ def infer_config(state_dict: Dict[str, np.ndarray],
     _, gh, gw, _ = shape("image_encoder.pos_embed")
     config.image_size = gh * patch if gh == gw else (gh * patch, gw * patch)
   if enc.use_rel_pos:
-    tables = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h") for i in range(depth)]
-    enc.num_heads = embed_dim // tables[0][1]
-    sizes = sorted({t[0] for t in tables})
-    if len(sizes) == 2:  # windowed blocks have the smaller table
-      enc.window_size = (sizes[0] + 1) // 2
-      enc.global_attn_indexes = tuple(i for i, t in enumerate(tables) if t[0] == sizes[1])
-    elif enc.use_abs_pos and sizes[0] == 2 * (gh if gh == gw else gh) - 1:
-      enc.global_attn_indexes = tuple(range(depth))
-    else:
-      enc.window_size = (sizes[0] + 1) // 2
-      enc.global_attn_indexes = ()
+    tables = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] for i in range(depth)]
+    enc.num_heads = embed_dim // shape("image_encoder.blocks.0.attn.rel_pos_h")[1]
+    # Global blocks' tables span the token grid; windowed blocks' span a window.
+    # Without a position embedding to give the grid, the larger tables are global.
+    global_len = 2 * gh - 1 if enc.use_abs_pos else max(tables)
+    enc.global_attn_indexes = tuple(i for i, n in enumerate(tables) if n == global_len)
+    windowed = {n for n in tables if n != global_len}
+    if len(windowed) > 1:
+      raise ConversionError(f"Windowed blocks have tables of several sizes {sorted(windowed)}.")
+    if windowed:
+      enc.window_size = (windowed.pop() + 1) // 2
   config.prompt_embed_dim = shape("image_encoder.neck.0.weight")[0]
   config.prompt_encoder.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight")[0]
   dec = config.mask_decoder

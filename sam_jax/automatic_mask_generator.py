@@ -1,0 +1,265 @@
+"""`SamAutomaticMaskGenerator`: masks for a whole image from a grid of point prompts.
+
+The reference's algorithm, parameters and records. Each batch of points is
+decoded by one compiled function and upscaled, scored, thresholded, boxed and
+edge-filtered by another, on fixed shapes (the last batch is padded); NMS is
+compiled too. Python only walks crops and batches and encodes the kept masks
+as RLEs with pycocotools.
+"""
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
+from sam_jax.predictor import SamPredictor
+from sam_jax.transforms import check_image
+from sam_jax.utils import amg
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+class SamAutomaticMaskGenerator:
+  """Generates masks for an entire image, as the reference's generator.
+
+  Arguments are the reference's, with its defaults (chosen for ViT-H):
+    model, params: the sam_jax model and its parameters.
+    points_per_side: points sampled along each side (points_per_side^2 in
+      all); None when `point_grids` is given.
+    points_per_batch: points decoded together; more is faster, uses more memory.
+    pred_iou_thresh: keep masks whose predicted IoU is above this (0 keeps all).
+    stability_score_thresh: keep masks at least this stable (0 keeps all).
+    stability_score_offset: the shift of the cutoff for the stability score.
+    box_nms_thresh: box IoU above which NMS drops duplicate masks.
+    crop_n_layers: run again on crops; layer i has (2^i)^2 crops.
+    crop_nms_thresh: box IoU for NMS between masks of different crops.
+    crop_overlap_ratio: how much crops of the first layer overlap, as a
+      fraction of the image's short side.
+    crop_n_points_downscale_factor: layer i samples points_per_side / factor^i.
+    point_grids: explicit grids in [0, 1]^2, one per crop layer.
+    min_mask_region_area: remove holes and islands smaller than this (OpenCV).
+    output_mode: 'binary_mask', 'uncompressed_rle' or 'coco_rle'.
+  """
+
+  def __init__(
+      self,
+      model: Sam,
+      params,
+      points_per_side: Optional[int] = 32,
+      points_per_batch: int = 64,
+      pred_iou_thresh: float = 0.88,
+      stability_score_thresh: float = 0.95,
+      stability_score_offset: float = 1.0,
+      box_nms_thresh: float = 0.7,
+      crop_n_layers: int = 0,
+      crop_nms_thresh: float = 0.7,
+      crop_overlap_ratio: float = 512 / 1500,
+      crop_n_points_downscale_factor: int = 1,
+      point_grids: Optional[List[np.ndarray]] = None,
+      min_mask_region_area: int = 0,
+      output_mode: str = "binary_mask",
+  ) -> None:
+    if (points_per_side is None) == (point_grids is None):
+      raise ValueError("Give exactly one of points_per_side and point_grids.")
+    if points_per_side is not None:
+      self.point_grids = amg.build_all_layer_point_grids(
+          points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+    else:
+      self.point_grids = [np.asarray(g, np.float64) for g in point_grids]
+      if len(self.point_grids) < crop_n_layers + 1:
+        raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), "
+                         f"got {len(self.point_grids)}.")
+    if output_mode not in OUTPUT_MODES:
+      raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
+    if points_per_batch < 1:
+      raise ValueError(f"points_per_batch must be positive, got {points_per_batch}.")
+    self.predictor = SamPredictor(model, params)
+    self.points_per_batch = points_per_batch
+    self.pred_iou_thresh = pred_iou_thresh
+    self.stability_score_thresh = stability_score_thresh
+    self.stability_score_offset = stability_score_offset
+    self.box_nms_thresh = box_nms_thresh
+    self.crop_n_layers = crop_n_layers
+    self.crop_nms_thresh = crop_nms_thresh
+    self.crop_overlap_ratio = crop_overlap_ratio
+    self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+    self.min_mask_region_area = min_mask_region_area
+    self.output_mode = output_mode
+    self.trace_counts = {"decode": 0, "filter": 0}
+    self._decode = jax.jit(self._decode_fn)
+    self._filter = jax.jit(self._filter_fn, static_argnames=("input_size", "crop_size"))
+
+  # --- compiled steps -----------------------------------------------------
+
+  def _decode_fn(self, params, embeddings, points):
+    """(K, 2) foreground points -> low-res logits (K, 3, 4h, 4w) and IoUs (K, 3)."""
+    self.trace_counts["decode"] += 1
+    model = self.model
+    k = points.shape[0]
+    low_res, iou = model.apply(
+        {"params": params}, embeddings, points[None, :, None, :], jnp.ones((1, k, 1), jnp.int32),
+        multimask_output=True, method=model.decode)
+    return low_res[0], iou[0]
+
+  def _filter_fn(self, low_res, iou, valid, crop_box, orig_box, thresholds, *, input_size,
+                 crop_size):
+    """Upscales, scores and thresholds a batch of K x 3 masks; says which to keep."""
+    self.trace_counts["filter"] += 1
+    pred_iou_thresh, stability_thresh, stability_offset = thresholds
+    logits = self.model.postprocess_masks(low_res, input_size, crop_size)
+    logits = logits.reshape(-1, *crop_size)
+    iou = iou.reshape(-1)
+    keep = jnp.repeat(valid, low_res.shape[1])
+    keep &= jnp.where(pred_iou_thresh > 0, iou > pred_iou_thresh, True)
+    stability = amg.stability_score(logits, MASK_THRESHOLD, stability_offset)
+    keep &= jnp.where(stability_thresh > 0, stability >= stability_thresh, True)
+    masks = logits > MASK_THRESHOLD
+    boxes = amg.masks_to_boxes(masks)
+    keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
+    return masks, boxes, iou, stability, keep
+
+  @property
+  def model(self) -> Sam:
+    return self.predictor.model
+
+  # --- the algorithm ------------------------------------------------------
+
+  def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    """Masks for an (H, W, 3) uint8 RGB image, as a list of records.
+
+    Each record has `segmentation` (an (H, W) bool array or an RLE, by
+    output_mode), `area`, `bbox` (XYWH), `predicted_iou`, `point_coords`,
+    `stability_score` and `crop_box` (XYWH), as the reference's.
+    """
+    check_image(image)
+    data = self._generate_masks(image)
+    if self.min_mask_region_area > 0:
+      data = self.postprocess_small_regions(
+          data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+    return [self._record(data, i) for i in range(len(data["rles"]))]
+
+  def _record(self, data, i) -> Dict[str, Any]:
+    rle = data["rles"][i]
+    if self.output_mode == "coco_rle":
+      segmentation = rle
+    elif self.output_mode == "binary_mask":
+      segmentation = amg.rle_to_mask(rle)
+    else:
+      segmentation = amg.uncompressed_rle(amg.rle_to_mask(rle))
+    return {
+        "segmentation": segmentation,
+        "area": amg.area_from_rle(rle),
+        "bbox": amg.box_xyxy_to_xywh(data["boxes"][i]),
+        "predicted_iou": float(data["iou_preds"][i]),
+        "point_coords": [data["points"][i].tolist()],
+        "stability_score": float(data["stability_score"][i]),
+        "crop_box": amg.box_xyxy_to_xywh(data["crop_boxes"][i]),
+    }
+
+  def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
+    orig_size = image.shape[:2]
+    crop_boxes, layer_idxs = amg.generate_crop_boxes(
+        orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+    crops = [self._process_crop(image, box, layer, orig_size)
+             for box, layer in zip(crop_boxes, layer_idxs)]
+    data = _concat(crops)
+    if len(crop_boxes) > 1:
+      # Prefer masks from smaller crops, whose masks are finer.
+      boxes = data["crop_boxes"]
+      areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32)
+      data = _select(data, amg.nms(data["boxes"], 1.0 / areas, self.crop_nms_thresh))
+    return data
+
+  def _process_crop(self, image, crop_box, layer_idx, orig_size) -> Dict[str, Any]:
+    x0, y0, x1, y1 = crop_box
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+    crop_size = crop.shape[:2]
+    self.predictor.set_image(crop)
+    points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+    batches = [self._process_batch(points[i:i + self.points_per_batch], crop_size, crop_box,
+                                   orig_size)
+               for i in range(0, len(points), self.points_per_batch)]
+    self.predictor.reset_image()
+    data = _concat(batches)
+    data = _select(data, amg.nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+    offset = np.array([x0, y0])
+    data["boxes"] = data["boxes"] + np.tile(offset, 2)
+    data["points"] = data["points"] + offset
+    data["crop_boxes"] = np.tile(np.array(crop_box), (len(data["rles"]), 1))
+    return data
+
+  def _process_batch(self, points, crop_size, crop_box, orig_size) -> Dict[str, Any]:
+    n, batch = len(points), self.points_per_batch
+    resized = self.predictor.transform.apply_coords(points, crop_size)
+    padded = np.zeros((batch, 2), np.float32)
+    padded[:n] = resized
+    low_res, iou = self._decode(self.predictor.params, self.predictor.features,
+                                jnp.asarray(padded))
+    thresholds = jnp.array([self.pred_iou_thresh, self.stability_score_thresh,
+                            self.stability_score_offset], jnp.float32)
+    orig_box = jnp.array([0, 0, orig_size[1], orig_size[0]], jnp.float32)
+    masks, boxes, iou, stability, keep = self._filter(
+        low_res, iou, jnp.asarray(np.arange(batch) < n), jnp.asarray(crop_box, jnp.float32),
+        orig_box, thresholds, input_size=self.predictor.input_size, crop_size=tuple(crop_size))
+    idx = np.flatnonzero(np.asarray(keep))
+    n_masks = iou.shape[0] // batch
+    kept_masks = np.asarray(masks[jnp.asarray(idx)]) if len(idx) else np.zeros((0, *crop_size),
+                                                                                 bool)
+    return {
+        "rles": [amg.mask_to_rle(_uncrop_mask(m, crop_box, orig_size)) for m in kept_masks],
+        "boxes": np.asarray(boxes)[idx].astype(np.int64),
+        "iou_preds": np.asarray(iou)[idx],
+        "stability_score": np.asarray(stability)[idx],
+        "points": np.repeat(np.pad(points, ((0, batch - n), (0, 0))), n_masks, axis=0)[idx],
+    }
+
+  @staticmethod
+  def postprocess_small_regions(data: Dict[str, Any], min_area: int,
+                                nms_thresh: float) -> Dict[str, Any]:
+    """Fills small holes and removes small islands, then drops new duplicates by NMS.
+
+    Masks left unchanged win the NMS over masks that changed, as in the reference.
+    """
+    if not data["rles"]:
+      return data
+    masks, scores = [], []
+    for rle in data["rles"]:
+      mask = amg.rle_to_mask(rle)
+      mask, changed_holes = amg.remove_small_regions(mask, min_area, mode="holes")
+      mask, changed_islands = amg.remove_small_regions(mask, min_area, mode="islands")
+      masks.append(mask)
+      scores.append(float(not (changed_holes or changed_islands)))
+    boxes = np.stack([np.asarray(amg.masks_to_boxes(jnp.asarray(m))) for m in masks])
+    keep = amg.nms(boxes, np.array(scores, np.float32), nms_thresh)
+    data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].copy())
+    for i in keep:
+      if scores[i] == 0.0:
+        data["rles"][i] = amg.mask_to_rle(masks[i])
+        data["boxes"][i] = boxes[i]
+    return _select(data, keep)
+
+
+def _uncrop_mask(mask: np.ndarray, crop_box, orig_size: Tuple[int, int]) -> np.ndarray:
+  x0, y0, x1, y1 = crop_box
+  if (x0, y0, x1, y1) == (0, 0, orig_size[1], orig_size[0]):
+    return mask
+  full = np.zeros(orig_size, bool)
+  full[y0:y1, x0:x1] = mask
+  return full
+
+
+def _concat(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+  out = {}
+  for key in parts[0]:
+    values = [p[key] for p in parts]
+    out[key] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+  return out
+
+
+def _select(data: Dict[str, Any], idx: Optional[np.ndarray]) -> Dict[str, Any]:
+  """The records at `idx` (in that order), or a copy of all of them."""
+  if idx is None:
+    return dict(data)
+  return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in data.items()}

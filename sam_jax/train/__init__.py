@@ -1,0 +1,1 @@
+"""Training SAM: data, prompt simulation, losses, sharding, the trainer and evaluation."""

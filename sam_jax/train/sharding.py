@@ -1,0 +1,113 @@
+"""Device mesh (data, fsdp, tensor) and shardings derived from parameter paths.
+
+The model modules declare no logical axes, so this file names each parameter's
+axes from its path and shape, then maps those names to mesh axes with Flax's
+logical axis rules. A mesh axis that does not divide a dimension is dropped
+for that dimension (it stays replicated), so any parameter fits any mesh.
+"""
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical name -> mesh axes. FSDP shards the model's width, tensor parallelism
+# the MLP/heads dimension; the batch spans both data and fsdp.
+LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+)
+# Dense layers whose input is the wide (mlp/heads) side.
+OUTPUT_PROJECTIONS = ("proj", "lin2", "out_proj")
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one -1")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} does not use the {len(devices)} devices")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_axes(path, x) -> Tuple:
+  """Logical axis names of one parameter, from its module path and shape."""
+  names = [getattr(p, "key", str(p)) for p in path]
+  leaf, module = names[-1], (names[-2] if len(names) > 1 else "")
+  if leaf == "kernel" and x.ndim == 2:
+    return ("mlp", "embed") if module in OUTPUT_PROJECTIONS else ("embed", "mlp")
+  if leaf == "kernel" and x.ndim == 4:  # convolutions (and transposed ones), HWIO
+    return (None, None, "embed", "mlp")
+  if leaf == "pos_embed":
+    return (None,) * (x.ndim - 1) + ("embed",)
+  return (None,) * x.ndim  # biases, norms, small tables: replicated
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  """Drops mesh axes that do not divide their dimension."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for a in axes:
+      if dim % (mesh.shape[a] * int(np.prod([mesh.shape[k] for k in kept]))) == 0:
+        kept.append(a)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def param_specs(params, mesh, rules=LOGICAL_RULES):
+  """PartitionSpecs for a (possibly abstract) parameter tree."""
+  def spec(path, x):
+    return _fit(nn.logical_to_mesh_axes(logical_axes(path, x), rules), x.shape, mesh)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params, mesh, rules=LOGICAL_RULES):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, rules),
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def state_shardings(abstract_state, params_sharding, mesh):
+  """Shardings of a train state: optimizer moments follow their parameters.
+
+  Leaves of the optimizer state with a parameter's shape (at the same path
+  suffix) take that parameter's sharding; scalars (counts) are replicated.
+  """
+  by_path = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(params_sharding)[0]:
+    by_path[jax.tree_util.keystr(path)] = s
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, x):
+    key = jax.tree_util.keystr(path)
+    for p, s in by_path.items():
+      if key.endswith(p) and len(s.spec) <= x.ndim:
+        return s
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  """The leading (batch) dimension over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def put_batch(batch, mesh):
+  """This process's rows of a global batch, as globally sharded arrays."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+          for k, v in batch.items()}

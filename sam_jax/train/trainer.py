@@ -1,0 +1,298 @@
+"""The training loop: init or resume, the jitted sharded step, logging, checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job. Resume order (as in
+big_vision): the workdir's latest checkpoint, else `config.model_init` (a
+sam_jax checkpoint directory, e.g. a converted release), else from scratch.
+"""
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from sam_jax.build import build_sam, image_size_hw
+from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
+from sam_jax.train import data as data_lib
+from sam_jax.train import demo_data, optim, recipe
+from sam_jax.train import sharding as shard_lib
+
+State = Dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the run stops, keeping the last good checkpoint."""
+
+
+def model_config(config) -> ml_collections.ConfigDict:
+  """The model's config: `config.model`, or a checkpoint's with `config.model` overrides."""
+  if config.get("model_init"):
+    mcfg = load_config(config.model_init)
+    overrides = config.get("model_overrides", ml_collections.ConfigDict())
+    mcfg.update(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+    return mcfg
+  return config.model
+
+
+def initial_params(config, model) -> Any:
+  if config.get("model_init"):
+    _, params = load_sam(config.model_init, image_size=model_config(config).image_size)
+    return params
+  return init_params(model, jax.random.key(config.seed))
+
+
+class Trainer:
+  """Holds the model, optimizer, mesh, shardings and the jitted step."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.mcfg = model_config(config)
+    self.model = build_sam(self.mcfg)
+    self.mesh = mesh if mesh is not None else shard_lib.make_mesh(config.mesh_shape)
+    self.abstract_params = abstract_params(self.model)
+    self.tx, self.schedule = optim.make_optimizer(
+        config.optim, self.abstract_params, self.mcfg.image_encoder.depth, config.freeze)
+    self.param_shardings = shard_lib.param_shardings(self.abstract_params, self.mesh)
+    abstract = jax.eval_shape(self._state_from_params, self.abstract_params)
+    self.state_shardings = dict(
+        params=self.param_shardings,
+        opt_state=shard_lib.state_shardings(abstract["opt_state"], self.param_shardings,
+                                            self.mesh),
+        step=shard_lib.NamedSharding(self.mesh, shard_lib.P()),
+        rng=shard_lib.NamedSharding(self.mesh, shard_lib.P()))
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self.state_shardings)
+    self._step_fn = None
+
+  def _state_from_params(self, params) -> State:
+    return dict(params=params, opt_state=self.tx.init(params),
+                step=jnp.zeros((), jnp.int32),
+                rng=jax.random.key_data(jax.random.key(self.config.seed)))
+
+  def init_state(self, params) -> State:
+    """The step-0 state, sharded, from host or device parameters."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+      params = jax.device_put(params, self.param_shardings)
+      return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
+
+  def loss_and_grads(self, params, batch, key):
+    fn = functools.partial(recipe.simulate, model=self.model, config=self.config, train=True)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: fn(p, batch=batch, key=key), has_aux=True)(params)
+    return loss, metrics, grads
+
+  def _train_step(self, state: State, batch) -> tuple:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    _, metrics, grads = self.loss_and_grads(state["params"], batch, key)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), lr=self.schedule(state["step"]))
+    new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
+    return new, metrics
+
+  def train_step(self, state: State, batch) -> tuple:
+    """One optimizer step; `state` is donated. Jitted with explicit shardings."""
+    if self._step_fn is None:
+      batch_sh = {k: shard_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+      replicated = shard_lib.NamedSharding(self.mesh, shard_lib.P())
+      self._step_fn = jax.jit(self._train_step,
+                              in_shardings=(self.state_shardings, batch_sh),
+                              out_shardings=(self.state_shardings, replicated),
+                              donate_argnums=(0,))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+      return self._step_fn(state, shard_lib.put_batch(batch, self.mesh))
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  pp = ocp.checkpoint_managers.preservation_policy
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=config.checkpoint_every,
+      preservation_policy=pp.LatestN(config.keep_checkpoints),
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save_checkpoint(mgr, step: int, state: State, meta: dict) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_checkpoint(mgr, trainer: Trainer, step: int):
+  """State restored straight onto this run's mesh (which may differ from the saver's)."""
+  out = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(trainer.abstract_state), meta=ocp.args.JsonRestore()))
+  return out["state"], out["meta"]
+
+
+def _to_host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).tolist(), tree)
+
+
+def _prepare_data(config, workdir: str):
+  """The train/eval folders; the demo's generated dataset is written first if asked."""
+  dcfg = config.data
+  train_dir, eval_dir = dcfg.train_dir, dcfg.get("eval_dir")
+  if dcfg.get("generate"):
+    g = dcfg.generate
+    root = os.path.join(workdir, "data")
+    train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "eval")
+    if jax.process_index() == 0:
+      demo_data.write_dataset(train_dir, g.num_train, g.size, g.max_shapes, seed=g.seed)
+      demo_data.write_dataset(eval_dir, g.num_eval, g.size, g.max_shapes, seed=g.seed + 1,
+                              prefix="sa_eval_")
+  return train_dir, eval_dir
+
+
+def run_eval(trainer: Trainer, params, examples, num_clicks: int):
+  from sam_jax.train import evaluate  # scipy only when evaluating
+  return evaluate.evaluate(trainer.model, params, examples, num_clicks)
+
+
+def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> Dict[str, Any]:
+  """Trains per `config`, evaluates, exports; returns a summary dict.
+
+  `stop_at` ends the run early at that step (after checkpointing it), as a
+  preemption would; calling again resumes from the workdir.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config)
+  mcfg = trainer.mcfg
+  image_size = image_size_hw(mcfg)[1]
+  low_res = recipe.low_res_size(trainer.model)[1]
+  train_dir, eval_dir = _prepare_data(config, workdir)
+  train_src = data_lib.Sa1bFolder(train_dir, image_size, low_res, config.data.max_masks,
+                                  config.data.max_mask_fraction, mcfg.pixel_mean)
+  eval_src = None
+  if eval_dir and config.eval.num_images:
+    eval_src = data_lib.Sa1bFolder(eval_dir, image_size, image_size, config.eval.max_masks,
+                                   config.data.max_mask_fraction, mcfg.pixel_mean)
+    eval_examples = data_lib.eval_examples(eval_src, config.eval.num_images)
+    eval_examples = dict(images=eval_examples["image"], masks=eval_examples["masks"],
+                         valid=eval_examples["valid"])
+
+  mgr = checkpoint_manager(workdir, config)
+  summary: Dict[str, Any] = {}
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  start = mgr.latest_step()
+  if start is not None:
+    state, meta = restore_checkpoint(mgr, trainer, start)
+    logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
+    print(f"Resuming from the checkpoint of step {start}.", flush=True)
+    data_step = meta["data_step"]
+  else:
+    start, data_step = 0, 0
+    params = initial_params(config, trainer.model)
+    if eval_src is not None and config.eval.get("before_training", True):
+      res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
+      summary["untrained"] = {k: v for k, v in res.items() if k != "masks_1point"}
+      summary["untrained_masks_1point"] = None
+      np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
+      print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
+            f"box mIoU {res['miou_box']:.3f}", flush=True)
+    state = trainer.init_state(params)
+    del params
+
+  total = stop_at if stop_at is not None else config.total_steps
+  batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
+                                   jax.process_index(), jax.process_count())
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  pending, t0, images_seen = [], time.time(), 0
+  losses = {}
+  step = start
+  try:
+    for step in range(start + 1, total + 1):
+      batch = next(batches)
+      state, metrics = trainer.train_step(state, dict(
+          images=batch["image"], masks=batch["masks"], valid=batch["valid"]))
+      pending.append((step, metrics))
+      images_seen += config.batch_size
+      should_save = step % config.checkpoint_every == 0 or step == total
+      if step % config.log_every == 0 or should_save:
+        host = _check_finite(pending, mgr)
+        pending = []
+        for s, m in host:
+          losses[s] = m["loss"]
+        dt = time.time() - t0
+        record = dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
+                      skipped_examples=train_src.num_skipped)
+        t0, images_seen = time.time(), 0
+        if jax.process_index() == 0:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
+              f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
+              f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
+              f"{record['images_per_s']:.1f} img/s", flush=True)
+      if should_save:
+        save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
+  finally:
+    mgr.wait_until_finished()
+  summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
+
+  if step >= config.total_steps:
+    params = state["params"]
+    if eval_src is not None:
+      res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
+      summary["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
+      _write_picture(workdir, eval_examples, res["masks_1point"])
+      u = summary.get("untrained", {})
+      print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
+            f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
+            f"{res['miou_box']:.3f}; after {config.eval.num_clicks} clicks: "
+            f"{res['miou_clicks'][-1]:.3f} ({res['num_masks']} held-out masks)", flush=True)
+    if config.get("export") and jax.process_index() == 0:
+      export_dir = os.path.join(workdir, "export")
+      save_sam(export_dir, mcfg, jax.device_get(params), overwrite=True)
+      summary["export"] = export_dir
+      print(f"Exported the trained parameters to {export_dir} (load with sam_jax.checkpoint.load_sam).")
+  if jax.process_index() == 0:
+    with open(summary_path, "w") as f:
+      json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
+  summary["state"] = state
+  return summary
+
+
+def _check_finite(pending, mgr):
+  """Host copies of pending metrics; stops the run at the first non-finite loss."""
+  host = [(s, _to_host(m)) for s, m in pending]
+  for s, m in host:
+    if not np.isfinite(m["loss"]):
+      mgr.wait_until_finished()
+      last = mgr.latest_step()
+      raise NonFiniteLossError(
+          f"The loss is {m['loss']} at step {s}; stopping. The last good checkpoint is "
+          f"step {last}" + (" (none was saved)." if last is None else
+                            ". Lower the learning rate or inspect the data, then rerun to resume."))
+  return host
+
+
+def _write_picture(workdir, examples, masks):
+  from sam_jax.train import evaluate
+  points = np.zeros(examples["valid"].shape + (2,), np.float32)
+  for i, j in zip(*np.nonzero(examples["valid"])):
+    points[i, j] = evaluate.interior_point(examples["masks"][i, j].astype(bool))
+  cols, titles = [examples["masks"].astype(bool)], ["ground truth"]
+  untrained = os.path.join(workdir, "untrained_masks_1point.npy")
+  if os.path.exists(untrained):
+    cols.append(np.load(untrained))
+    titles.append("untrained, 1 point")
+  cols.append(masks)
+  titles.append("trained, 1 point")
+  path = os.path.join(workdir, "predictions.png")
+  evaluate.render(path, examples["images"], cols, titles, points, examples["valid"])
+  print(f"Wrote {path}", flush=True)

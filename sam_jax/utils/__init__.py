@@ -1,0 +1,1 @@
+"""Helpers for inference: the automatic mask generator's grids, boxes, NMS and RLEs."""
