@@ -68,7 +68,7 @@ class Sam(nn.Module):
     flat = lambda x: None if x is None else x.reshape(b * p, *x.shape[2:])  # noqa: E731
     points = None if point_coords is None else (flat(point_coords), flat(point_labels))
     sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs))
-    embeddings = jnp.repeat(image_embeddings, p, axis=0) if p > 1 or b > 1 else image_embeddings
+    embeddings = jnp.repeat(image_embeddings, p, axis=0)  # one copy per prompt
     masks, iou = self.mask_decoder(
         embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output,
         sparse_mask)
