@@ -44,3 +44,15 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("parity with the reference: largest errors measured")
     for name in sorted(PARITY):
       terminalreporter.write_line(f"{name:55s} {PARITY[name]:.3g}")
+
+
+def pytest_sessionfinish(session):
+  """Under pytest-xdist, hands this worker's maxima to the controller."""
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["parity"] = dict(PARITY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  for name, value in getattr(node, "workeroutput", {}).get("parity", {}).items():
+    record(name, value)
