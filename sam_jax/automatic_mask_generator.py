@@ -7,6 +7,7 @@ compiled too. Python only walks crops and batches and encodes the kept masks
 as RLEs with pycocotools.
 """
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -14,11 +15,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
-from sam_jax.predictor import SamPredictor
+from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket
 from sam_jax.transforms import check_image
 from sam_jax.utils import amg
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_points(model: Sam, params, embeddings, points):
+  """(K, 2) foreground points -> low-res logits (K, 3, 4h, 4w) and IoUs (K, 3)."""
+  TRACE_COUNTS["amg_decode"] += 1
+  k = points.shape[0]
+  low_res, iou = model.apply(
+      {"params": params}, embeddings, points[None, :, None, :], jnp.ones((1, k, 1), jnp.int32),
+      multimask_output=True, method=model.decode)
+  return low_res[0], iou[0]
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("input_size", "crop_size"))
+def filter_masks(model: Sam, low_res, iou, valid, crop_box, orig_box, thresholds, input_size,
+                 crop_size):
+  """Upscales, scores and thresholds a batch of K x 3 masks; says which to keep.
+
+  thresholds: (pred_iou_thresh, stability_score_thresh, stability_score_offset),
+  traced, so that other settings do not compile again.
+  """
+  TRACE_COUNTS["amg_filter"] += 1
+  pred_iou_thresh, stability_thresh, stability_offset = thresholds
+  logits = model.postprocess_masks(low_res, input_size, crop_size)
+  logits = logits.reshape(-1, *crop_size)
+  iou = iou.reshape(-1)
+  keep = jnp.repeat(valid, low_res.shape[1])
+  keep &= jnp.where(pred_iou_thresh > 0, iou > pred_iou_thresh, True)
+  stability = amg.stability_score(logits, MASK_THRESHOLD, stability_offset)
+  keep &= jnp.where(stability_thresh > 0, stability >= stability_thresh, True)
+  masks = logits > MASK_THRESHOLD
+  boxes = amg.masks_to_boxes(masks)
+  keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
+  return masks, boxes, iou, stability, keep
 
 
 class SamAutomaticMaskGenerator:
@@ -87,38 +122,6 @@ class SamAutomaticMaskGenerator:
     self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
     self.min_mask_region_area = min_mask_region_area
     self.output_mode = output_mode
-    self.trace_counts = {"decode": 0, "filter": 0}
-    self._decode = jax.jit(self._decode_fn)
-    self._filter = jax.jit(self._filter_fn, static_argnames=("input_size", "crop_size"))
-
-  # --- compiled steps -----------------------------------------------------
-
-  def _decode_fn(self, params, embeddings, points):
-    """(K, 2) foreground points -> low-res logits (K, 3, 4h, 4w) and IoUs (K, 3)."""
-    self.trace_counts["decode"] += 1
-    model = self.model
-    k = points.shape[0]
-    low_res, iou = model.apply(
-        {"params": params}, embeddings, points[None, :, None, :], jnp.ones((1, k, 1), jnp.int32),
-        multimask_output=True, method=model.decode)
-    return low_res[0], iou[0]
-
-  def _filter_fn(self, low_res, iou, valid, crop_box, orig_box, thresholds, *, input_size,
-                 crop_size):
-    """Upscales, scores and thresholds a batch of K x 3 masks; says which to keep."""
-    self.trace_counts["filter"] += 1
-    pred_iou_thresh, stability_thresh, stability_offset = thresholds
-    logits = self.model.postprocess_masks(low_res, input_size, crop_size)
-    logits = logits.reshape(-1, *crop_size)
-    iou = iou.reshape(-1)
-    keep = jnp.repeat(valid, low_res.shape[1])
-    keep &= jnp.where(pred_iou_thresh > 0, iou > pred_iou_thresh, True)
-    stability = amg.stability_score(logits, MASK_THRESHOLD, stability_offset)
-    keep &= jnp.where(stability_thresh > 0, stability >= stability_thresh, True)
-    masks = logits > MASK_THRESHOLD
-    boxes = amg.masks_to_boxes(masks)
-    keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
-    return masks, boxes, iou, stability, keep
 
   @property
   def model(self) -> Sam:
@@ -195,18 +198,20 @@ class SamAutomaticMaskGenerator:
     resized = self.predictor.transform.apply_coords(points, crop_size)
     padded = np.zeros((batch, 2), np.float32)
     padded[:n] = resized
-    low_res, iou = self._decode(self.predictor.params, self.predictor.features,
-                                jnp.asarray(padded))
+    low_res, iou = decode_points(self.model, self.predictor.params, self.predictor.features,
+                                 jnp.asarray(padded))
     thresholds = jnp.array([self.pred_iou_thresh, self.stability_score_thresh,
                             self.stability_score_offset], jnp.float32)
     orig_box = jnp.array([0, 0, orig_size[1], orig_size[0]], jnp.float32)
-    masks, boxes, iou, stability, keep = self._filter(
-        low_res, iou, jnp.asarray(np.arange(batch) < n), jnp.asarray(crop_box, jnp.float32),
-        orig_box, thresholds, input_size=self.predictor.input_size, crop_size=tuple(crop_size))
+    valid = jnp.asarray(np.arange(batch) < n)
+    masks, boxes, iou, stability, keep = filter_masks(
+        self.model, low_res, iou, valid, jnp.asarray(crop_box, jnp.float32), orig_box, thresholds,
+        input_size=self.predictor.input_size, crop_size=tuple(crop_size))
     idx = np.flatnonzero(np.asarray(keep))
     n_masks = iou.shape[0] // batch
-    kept_masks = np.asarray(masks[jnp.asarray(idx)]) if len(idx) else np.zeros((0, *crop_size),
-                                                                                 bool)
+    # Fetch only the kept masks; the gather's length is bucketed so that few compile.
+    take = np.pad(idx, (0, bucket(len(idx)) - len(idx)))
+    kept_masks = np.asarray(masks[jnp.asarray(take)])[:len(idx)]
     return {
         "rles": [amg.mask_to_rle(_uncrop_mask(m, crop_box, orig_size)) for m in kept_masks],
         "boxes": np.asarray(boxes)[idx].astype(np.int64),

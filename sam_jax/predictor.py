@@ -1,13 +1,16 @@
 """`SamPredictor`: the reference's predictor API on compiled JAX functions.
 
 An image is embedded once by `set_image`; every `predict` then runs the prompt
-encoder and the mask decoder as one compiled function and the upscaling to the
-original size as another (so a new image size recompiles only the upscaling). Prompts are padded to bucket sizes (points with the
-PADDING label, which the decoder masks out) so that a new number of points or
-prompts does not compile again. `set_image_batch` and `predict_batch` do the
+encoder and the mask decoder as one compiled function, and the upscaling to
+the original size as another (so a new image size recompiles only the
+upscaling). Prompts are padded to bucket sizes (points with the PADDING label,
+which the decoder masks out) so that a new number of points or prompts does
+not compile again. `set_image_batch` and `predict_batch` do the
 same for many prompts and several images in one call.
 """
 
+import collections
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import jax
@@ -36,6 +39,43 @@ def _pad_axis(x: np.ndarray, size: int, axis: int, value) -> np.ndarray:
   return np.pad(x, pad, constant_values=value)
 
 
+# How often each compiled function was traced. The functions take the model as
+# a static argument (Flax modules compare by value), so every predictor of one
+# model shares their compilations; tests check that new prompt counts do not
+# compile again.
+TRACE_COUNTS = collections.Counter()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_images(model: Sam, params, images: jax.Array) -> jax.Array:
+  """(B, H, W, 3) images at the full input size -> (B, h, w, C) embeddings."""
+  TRACE_COUNTS["embed"] += 1
+  return model.apply({"params": params}, images, method=model.embed_images)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("multimask_output",))
+def decode(model: Sam, params, embeddings, coords, labels, boxes, masks, multimask_output=True):
+  """(B, P) prompts -> low-resolution logits (B, P, M, 4h, 4w) and IoUs (B, P, M)."""
+  TRACE_COUNTS["decode"] += 1
+  return model.apply({"params": params}, embeddings, coords, labels, boxes, masks,
+                     multimask_output, method=model.decode)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("input_sizes", "original_sizes", "return_logits"))
+def upscale(model: Sam, low_res, input_sizes, original_sizes, return_logits=False):
+  """Each image's (P, M, 4h, 4w) logits at its original size, thresholded unless `return_logits`.
+
+  Apart from `decode`, so that a new image size compiles only this.
+  """
+  TRACE_COUNTS["upscale"] += 1
+  full = []
+  for b, (input_size, original_size) in enumerate(zip(input_sizes, original_sizes)):
+    up = model.postprocess_masks(low_res[b], input_size, original_size)
+    full.append(up if return_logits else up > MASK_THRESHOLD)
+  return tuple(full)
+
+
 class SamPredictor:
   """Embeds images once, then predicts masks for prompts on them.
 
@@ -52,38 +92,7 @@ class SamPredictor:
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
     self.min_point_bucket = min_point_bucket
-    # How often each compiled function was traced: tests check that prompts of
-    # another size do not compile again.
-    self.trace_counts = {"embed": 0, "decode": 0, "upscale": 0}
-    self._embed = jax.jit(self._embed_fn)
-    self._decode = jax.jit(self._decode_fn, static_argnames=("multimask_output",))
-    self._upscale = jax.jit(
-        self._upscale_fn, static_argnames=("input_sizes", "original_sizes", "return_logits"))
     self.reset_image()
-
-  # --- compiled functions -------------------------------------------------
-
-  def _embed_fn(self, params, images):
-    self.trace_counts["embed"] += 1
-    return self.model.apply({"params": params}, images, method=self.model.embed_images)
-
-  def _decode_fn(self, params, embeddings, coords, labels, boxes, masks, *, multimask_output):
-    """(B, P) prompts -> low-resolution logits (B, P, M, 4h, 4w) and IoUs (B, P, M)."""
-    self.trace_counts["decode"] += 1
-    return self.model.apply({"params": params}, embeddings, coords, labels, boxes, masks,
-                            multimask_output, method=self.model.decode)
-
-  def _upscale_fn(self, low_res, *, input_sizes, original_sizes, return_logits):
-    """Each image's logits at its original size, thresholded unless `return_logits`.
-
-    Apart from the decoder, so that a new image size compiles only this.
-    """
-    self.trace_counts["upscale"] += 1
-    full = []
-    for b, (input_size, original_size) in enumerate(zip(input_sizes, original_sizes)):
-      up = self.model.postprocess_masks(low_res[b], input_size, original_size)
-      full.append(up if return_logits else up > MASK_THRESHOLD)
-    return tuple(full)
 
   # --- images -------------------------------------------------------------
 
@@ -128,7 +137,7 @@ class SamPredictor:
     self.reset_image()
     self.original_sizes = [tuple(im.shape[:2]) for im in images]
     self.input_sizes = [tuple(im.shape[:2]) for im in batch]
-    self.features = self._embed(self.params, jnp.asarray(self.pad_images(batch)))
+    self.features = embed_images(self.model, self.params, jnp.asarray(self.pad_images(batch)))
     self.is_image_set = True
 
   def pad_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -225,10 +234,10 @@ class SamPredictor:
     prompts = [self._check_prompts(i, **a) for i, a in enumerate(per_image)]
     counts = [p[0] for p in prompts]
     coords, labels, boxes_, masks = self._stack_padded([p[1:] for p in prompts])
-    low_res, iou = self._decode(self.params, self.features, coords, labels, boxes_, masks,
-                                multimask_output=multimask_output)
-    full = self._upscale(low_res, input_sizes=tuple(self.input_sizes),
-                         original_sizes=tuple(self.original_sizes), return_logits=return_logits)
+    low_res, iou = decode(self.model, self.params, self.features, coords, labels, boxes_, masks,
+                          multimask_output=multimask_output)
+    full = upscale(self.model, low_res, input_sizes=tuple(self.input_sizes),
+                   original_sizes=tuple(self.original_sizes), return_logits=return_logits)
     iou, low_res = np.asarray(iou), np.asarray(low_res)
     out = [(np.asarray(full[b][:n]), iou[b, :n], low_res[b, :n]) for b, n in enumerate(counts)]
     if n_images == 1:

@@ -133,10 +133,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
     return np.zeros(0, np.int64)
   size = max(min_bucket, 1 << (n - 1).bit_length())
   pad = size - n
+  # torchvision compares float32 IoUs with a float64 threshold: an IoU of
+  # exactly 0.3 exceeds 0.3. The largest float32 <= the threshold does the same.
+  threshold = np.float32(iou_threshold)
+  if float(threshold) > iou_threshold:
+    threshold = np.nextafter(threshold, np.float32(-np.inf))
   order, keep = _nms(
       jnp.asarray(np.pad(np.asarray(boxes, np.float32), ((0, pad), (0, 0)))),
       jnp.asarray(np.pad(np.asarray(scores, np.float32), (0, pad))),
-      jnp.asarray(np.arange(size) < n), jnp.float32(iou_threshold))
+      jnp.asarray(np.arange(size) < n), jnp.asarray(threshold))
   order, keep = np.asarray(order), np.asarray(keep)
   return order[keep].astype(np.int64)
 
@@ -177,7 +182,8 @@ def uncompressed_rle(mask: np.ndarray) -> Dict[str, Any]:
   return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
+def remove_small_regions(mask: np.ndarray, area_thresh: float,
+                         mode: str) -> Tuple[np.ndarray, bool]:
   """Fills holes or removes islands smaller than `area_thresh`; also says if it changed."""
   import cv2  # only needed for min_mask_region_area > 0
 
