@@ -107,7 +107,9 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   adds = prompts.no_point_rounds(k_plan, rounds, pcfg.num_no_point_rounds)
   slots = jax.nn.one_hot(jnp.arange(2, rounds + 1), rounds + 1, dtype=bool)
   keys = jax.random.split(k_rounds, rounds - 1)
-  _, later = jax.lax.scan(round_fn, (coords, labels, prev), (keys, adds, slots))
+  # Unrolled by default: XLA:CPU runs the backward of a rolled loop several times slower.
+  _, later = jax.lax.scan(round_fn, (coords, labels, prev), (keys, adds, slots),
+                          unroll=config.get("unroll_rounds", True))
   parts = [jnp.concatenate([f[None], l], 0) for f, l in zip(first, later)]  # (R, B, N)
 
   w = valid.astype(jnp.float32)

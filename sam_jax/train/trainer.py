@@ -200,7 +200,6 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
     if eval_src is not None and config.eval.get("before_training", True):
       res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
       summary["untrained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-      summary["untrained_masks_1point"] = None
       np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
       print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
             f"box mIoU {res['miou_box']:.3f}", flush=True)
@@ -241,6 +240,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
       if should_save:
         save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
   finally:
+    batches.close()  # stops the prefetching thread
     mgr.wait_until_finished()
   summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
 
@@ -271,11 +271,14 @@ def _check_finite(pending, mgr):
   """Host copies of pending metrics; stops the run at the first non-finite loss."""
   host = [(s, _to_host(m)) for s, m in pending]
   for s, m in host:
-    if not np.isfinite(m["loss"]):
+    # A finite loss with non-finite new parameters would poison the next save too.
+    bad = [k for k in ("loss", "param_norm") if not np.isfinite(m[k])]
+    if bad:
       mgr.wait_until_finished()
       last = mgr.latest_step()
       raise NonFiniteLossError(
-          f"The loss is {m['loss']} at step {s}; stopping. The last good checkpoint is "
+          f"The {' and '.join(bad)} became {m[bad[0]]} at step {s}; stopping, nothing saved "
+          f"from this step on. The last good checkpoint is "
           f"step {last}" + (" (none was saved)." if last is None else
                             ". Lower the learning rate or inspect the data, then rerun to resume."))
   return host
@@ -296,3 +299,34 @@ def _write_picture(workdir, examples, masks):
   path = os.path.join(workdir, "predictions.png")
   evaluate.render(path, examples["images"], cols, titles, points, examples["valid"])
   print(f"Wrote {path}", flush=True)
+
+
+def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
+  """The evaluation mode: prompt mIoUs of a sam_jax checkpoint on the held-out split.
+
+  The checkpoint is `checkpoint`, else WORKDIR/export, else `config.model_init`.
+  Prints and returns 1-point, 1-box and k-click mIoU; writes WORKDIR/eval.json.
+  """
+  ckpt = checkpoint or (os.path.join(workdir, "export")
+                        if os.path.isdir(os.path.join(workdir, "export")) else config.model_init)
+  if not ckpt:
+    raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
+  model, params = load_sam(ckpt)
+  _, eval_dir = _prepare_data(config, workdir)
+  if not eval_dir:
+    raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout) to evaluate on.")
+  size = image_size_hw(load_config(ckpt))[1]
+  src = data_lib.Sa1bFolder(eval_dir, size, size, config.eval.max_masks,
+                            config.data.max_mask_fraction, load_config(ckpt).pixel_mean)
+  ex = data_lib.eval_examples(src, config.eval.num_images or len(src))
+  from sam_jax.train import evaluate
+  res = evaluate.evaluate(model, params, dict(images=ex["image"], masks=ex["masks"],
+                                              valid=ex["valid"]), config.eval.num_clicks)
+  res = {k: v for k, v in res.items() if k != "masks_1point"}
+  clicks = ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["miou_clicks"]))
+  print(f"{ckpt} on {res['num_masks']} masks of {eval_dir}: 1-point mIoU "
+        f"{res['miou_1point']:.3f}, box mIoU {res['miou_box']:.3f}, after k clicks {clicks}",
+        flush=True)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
+  return res

@@ -1,0 +1,41 @@
+"""Fine-tuning a converted SAM checkpoint on a folder in SA-1B's layout.
+
+  python convert_weights.py --checkpoint sam_vit_b_01ec64.pth --output /ckpt/sam_vit_b
+  python train.py --config configs/finetune.py:/ckpt/sam_vit_b --workdir /tmp/ft \\
+      --config.data.train_dir=/data/mine/train --config.data.eval_dir=/data/mine/val
+
+`arg` is the sam_jax checkpoint directory. `--config.freeze` picks what trains:
+`frozen_image_encoder` (default, the common recipe: prompt encoder + decoder),
+`decoder_only`, or `full`. A frozen encoder is run without its backward pass
+(caching its embeddings across steps is not implemented yet).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict()  # unused: the model comes from the checkpoint
+  c.model_init = arg
+  # Fields replaced in the checkpoint's model config (not the parameters).
+  c.model_overrides = dict(dtype="float32")
+  c.freeze = "frozen_image_encoder"
+  c.data = dict(train_dir="", eval_dir="", generate=None, max_masks=16, max_mask_fraction=0.9)
+  c.batch_size = 4
+  c.total_steps = 2000
+  c.log_every = 20
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.export = True
+  c.mesh_shape = (-1, 1, 1)
+  c.prompts = dict(num_rounds=11, num_no_point_rounds=2, box_prob=0.5,
+                   box_noise_frac=0.1, box_noise_max_px=20.0)
+  c.loss = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0,
+                focal_alpha=0.25, focal_gamma=2.0)
+  c.optim = dict(lr=1e-5, warmup_steps=100, decay_steps=(1500,), decay_factor=0.1,
+                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8, grad_clip=0.0)
+  c.remat_rounds = False
+  c.unroll_rounds = False
+  c.eval = dict(num_images=50, max_masks=16, num_clicks=5, before_training=True)
+  return c

@@ -1,0 +1,111 @@
+"""The training loop end to end on a tiny model: resume, NaN stop, export, metrics."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from sam_jax.checkpoint import load_sam
+from sam_jax.train import trainer
+
+
+def tiny_config():
+  """A model of a few thousand parameters on 64-pixel images; no evaluation."""
+  c = demo.get_config("quick")
+  m = c.model
+  m.image_size = 64
+  m.prompt_embed_dim = 32
+  m.image_encoder.update(dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, window_size=2,
+                              global_attn_indexes=(1,)))
+  m.mask_decoder.update(dict(iou_head_hidden_dim=32, transformer_mlp_dim=64,
+                             transformer_num_heads=2))
+  c.data.generate.update(dict(num_train=12, num_eval=4, size=64, max_shapes=4))
+  c.data.max_masks = 2
+  c.batch_size = 4
+  c.prompts.num_rounds = 3
+  c.prompts.num_no_point_rounds = 1
+  c.eval.num_images = 0
+  c.total_steps, c.log_every, c.checkpoint_every = 4, 1, 2
+  c.optim.warmup_steps = 1
+  c.export = False
+  return c
+
+
+def fake_batch(config, batch_size):
+  """A deterministic batch: random images, rectangle masks on the low-res grid."""
+  s = config.model.image_size
+  low = 4 * s // config.model.image_encoder.patch_size
+  n = config.data.max_masks
+  rng = np.random.default_rng(0)
+  masks = np.zeros((batch_size, n, low, low), np.uint8)
+  for i in range(batch_size):
+    for j in range(n):
+      y, x = rng.integers(0, low // 2, 2)
+      masks[i, j, y:y + low // 3, x:x + low // 4] = 1
+  return dict(images=rng.uniform(0, 255, (batch_size, s, s, 3)).astype(np.float32),
+              masks=masks, valid=np.ones((batch_size, n), bool))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache(tmp_path_factory):
+  """Each run of the loop builds a new jitted step; a shared cache compiles it once."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(keys[1], 0.0)
+  jax.config.update(keys[2], -1)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+  config = tiny_config()
+  config.export = True
+  full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+  trainer.train_and_evaluate(config, str(tmp_path / "cut"), stop_at=2)
+  assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["2"]
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / "cut"))
+  assert sorted(full["losses"]) == ["1", "2", "3", "4"]
+  for step in ("1", "2", "3", "4"):
+    np.testing.assert_allclose(resumed["losses"][step], full["losses"][step], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(full["state"]["params"]),
+               jax.device_get(resumed["state"]["params"]))
+  # Retention: the latest checkpoints only; metrics: every log step, all parts present.
+  assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["2", "4"]
+  rows = _metrics(tmp_path / "full")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for key in ("loss", "focal", "dice", "iou_mse", "lr", "grad_norm", "images_per_s"):
+    assert all(math.isfinite(r[key]) for r in rows), key
+  assert len(rows[0]["iou_per_round"]) == config.prompts.num_rounds
+  # The export reads back with load_sam, equal to the final parameters.
+  _, exported = load_sam(str(tmp_path / "full" / "export"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               exported, jax.device_get(full["state"]["params"]))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config()
+  config.total_steps, config.checkpoint_every = 5, 1
+  # An infinite lr after the first updates: the parameters stop being finite.
+  config.optim.update(dict(warmup_steps=1, decay_steps=(3,), decay_factor=float("inf")))
+  with pytest.raises(trainer.NonFiniteLossError, match=r"last good checkpoint is step (\d)") as e:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  last = int(e.value.args[0].split("last good checkpoint is step ")[1][0])
+  bad = int(e.value.args[0].split(" at step ")[1].split(";")[0])
+  assert 1 <= last == bad - 1
+  mgr = trainer.checkpoint_manager(str(tmp_path), config)
+  assert mgr.all_steps() == list(range(1, last + 1))[-config.keep_checkpoints:]
+  state, _ = trainer.restore_checkpoint(mgr, trainer.Trainer(config), last)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))

@@ -1,0 +1,138 @@
+"""Prompt simulation and losses on hand-made masks."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
+from sam_jax.train import losses, prompts
+
+STRIDE = 4.0
+
+
+def _cell(coords):
+  """Back from (x, y) cell-centre pixels to (row, col) cells."""
+  x, y = np.asarray(coords)[..., 0], np.asarray(coords)[..., 1]
+  return ((y - (STRIDE - 1) / 2) / STRIDE).astype(int), ((x - (STRIDE - 1) / 2) / STRIDE).astype(int)
+
+
+def _masks():
+  m = np.zeros((3, 16, 16), bool)
+  m[0, 2:5, 3:9] = True  # a rectangle
+  m[1, 10, 12] = True  # a single cell
+  yy, xx = np.mgrid[:16, :16]
+  m[2] = (yy - 8) ** 2 + (xx - 6) ** 2 < 12  # a disc
+  return m
+
+
+def test_point_from_mask_is_inside_and_covers_the_mask():
+  masks = _masks()
+  seen = np.zeros_like(masks)
+  for seed in range(200):
+    coords, found = prompts.point_from_mask(jax.random.key(seed), jnp.asarray(masks), STRIDE)
+    assert np.all(found)
+    rows, cols = _cell(coords)
+    for i in range(3):
+      assert masks[i, rows[i], cols[i]], (seed, i)
+      seen[i, rows[i], cols[i]] = True
+  # Uniform over the mask: 200 draws reach every cell of the 18-cell rectangle.
+  assert np.array_equal(seen[0], masks[0])
+
+
+def test_point_from_empty_mask_is_flagged():
+  _, found = prompts.point_from_mask(jax.random.key(0), jnp.zeros((2, 8, 8), bool), STRIDE)
+  assert not np.any(found)
+
+
+def test_error_point_lies_in_error_region_with_the_right_label():
+  gt = _masks()
+  pred = np.zeros_like(gt)
+  pred[0, 2:5, 5:12] = True  # misses columns 3-4 (fn), adds columns 9-11 (fp)
+  pred[1] = gt[1]  # perfect: no click
+  pred[2, :, :] = False  # all false negatives
+  for seed in range(100):
+    coords, labels = prompts.point_from_error(jax.random.key(seed), jnp.asarray(pred),
+                                              jnp.asarray(gt), STRIDE)
+    rows, cols = _cell(coords)
+    labels = np.asarray(labels)
+    for i in (0, 2):
+      r, c = rows[i], cols[i]
+      assert pred[i, r, c] != gt[i, r, c], (seed, i)
+      assert labels[i] == (FOREGROUND if gt[i, r, c] else BACKGROUND)
+    assert labels[1] == PADDING
+  # Both kinds of error occur for mask 0.
+  both = {int(prompts.point_from_error(jax.random.key(s), jnp.asarray(pred), jnp.asarray(gt),
+                                       STRIDE)[1][0]) for s in range(50)}
+  assert both == {FOREGROUND, BACKGROUND}
+
+
+def test_box_from_mask_and_jitter():
+  gt = _masks()
+  box = np.asarray(prompts.box_from_mask(jnp.asarray(gt), STRIDE))
+  np.testing.assert_array_equal(box[0], np.array([3, 2, 9, 5]) * STRIDE)
+  np.testing.assert_array_equal(box[1], np.array([12, 10, 13, 11]) * STRIDE)
+  big = jnp.array([[0.0, 0.0, 1000.0, 1000.0]] * 4000)
+  noisy = np.asarray(prompts.jitter_box(jax.random.key(0), big + 100, 0.1, 20.0, 2000.0))
+  std = (noisy - np.asarray(big + 100)).std(0)
+  np.testing.assert_allclose(std, 20.0, rtol=0.1)  # 10% of 1000 capped at 20 px
+  small = jnp.array([[100.0, 100.0, 150.0, 200.0]] * 4000)
+  std = (np.asarray(prompts.jitter_box(jax.random.key(1), small, 0.1, 20.0, 2000.0)) - small).std(0)
+  np.testing.assert_allclose(std, [5, 10, 5, 10], rtol=0.1)
+
+
+def test_no_point_rounds_plan():
+  for seed in range(20):
+    adds = np.asarray(prompts.no_point_rounds(jax.random.key(seed), 11, 2))
+    assert adds.shape == (10,) and not adds[-1] and adds.sum() == 8
+
+
+def _np_focal(x, t, alpha=0.25, gamma=2.0):
+  p = 1 / (1 + np.exp(-x))
+  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  p_t = p * t + (1 - p) * (1 - t)
+  a = alpha * t + (1 - alpha) * (1 - t)
+  return (a * ce * (1 - p_t) ** gamma).mean(axis=(-2, -1))
+
+
+def _np_dice(x, t):
+  p = 1 / (1 + np.exp(-x))
+  return 1 - (2 * (p * t).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + t.sum((-2, -1)) + 1)
+
+
+def test_focal_and_dice_match_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.normal(0, 3, (2, 3, 8, 8))
+  t = (rng.uniform(size=(2, 3, 8, 8)) < 0.4).astype(np.float64)
+  np.testing.assert_allclose(losses.sigmoid_focal_loss(jnp.asarray(x), jnp.asarray(t)),
+                             _np_focal(x, t), rtol=1e-5)
+  np.testing.assert_allclose(losses.dice_loss(jnp.asarray(x), jnp.asarray(t)), _np_dice(x, t),
+                             rtol=1e-5)
+  # Stable far from zero, where the naive formula overflows.
+  big = losses.sigmoid_focal_loss(jnp.full((1, 2, 2), 200.0), jnp.zeros((1, 2, 2)))
+  assert np.isfinite(big).all()
+
+
+def test_mask_losses_ratio_and_iou_target():
+  cfg = ml_collections.ConfigDict(dict(focal_weight=20.0, dice_weight=1.0, focal_alpha=0.25,
+                                       focal_gamma=2.0))
+  gt = np.zeros((1, 8, 8), bool)
+  gt[0, :4] = True
+  logits = np.full((1, 2, 8, 8), -5.0)
+  logits[0, 0, :4] = 5.0  # perfect
+  logits[0, 1, :2] = 5.0  # half
+  total, focal, dice, iou_mse, true_iou = losses.mask_losses(
+      jnp.asarray(logits), jnp.asarray(gt), jnp.array([[1.0, 0.0]]), cfg)
+  np.testing.assert_allclose(true_iou, [[1.0, 0.5]])
+  np.testing.assert_allclose(iou_mse, [[0.0, 0.25]])
+  np.testing.assert_allclose(total, 20 * np.asarray(focal) + np.asarray(dice), rtol=1e-6)
+
+
+def test_select_best_picks_the_minimum():
+  rng = np.random.default_rng(1)
+  loss = rng.uniform(size=(5, 7, 3))
+  onehot = np.asarray(losses.select_best(jnp.asarray(loss)))
+  assert onehot.sum(-1).min() == 1 and onehot.sum(-1).max() == 1
+  np.testing.assert_array_equal(onehot.argmax(-1), loss.argmin(-1))
+  np.testing.assert_allclose((onehot * loss).sum(-1), loss.min(-1))
