@@ -1,0 +1,56 @@
+"""Markdown tables from the JSON that `benchmarks.run --out` writes.
+
+  python -m benchmarks.report benchmarks/results/cpu_vit_b.json
+"""
+
+import json
+import sys
+from typing import Any, Dict, List
+
+
+def _ms(s: float) -> str:
+  return f"{s * 1e3:,.1f}"
+
+
+def _what(row: Dict[str, Any]) -> str:
+  if row["bench"] == "encoder":
+    what = f"{row['image_size'][0]}x{row['image_size'][1]}, batch {row['batch']}"
+    return what + (", seed attention" if "attention" in row else "")
+  if row["bench"] == "decoder":
+    return f"{row['prompts']} prompt(s), 1 point each"
+  if row["bench"] == "predict":
+    return f"1 point on {row['image_hw'][0]}x{row['image_hw'][1]}"
+  return (f"{row['points_per_side']}^2 points, batch {row['points_per_batch']}, "
+          f"{row['image_hw'][0]}x{row['image_hw'][1]}")
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+  lines = ["| benchmark | variant | setting | sam_jax median (ms) | reference median (ms) "
+           "| sam_jax rate | reference rate | speedup | sam_jax compile (s) | repeats | load avg (1 min) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    j, ref = r["sam_jax"], r["reference"]
+    compile_s = f"{j['compile_s']:.1f}" if "compile_s" in j else f"{j['first_call_s']:.1f} (first call)"
+    lines.append(
+        f"| {r['bench']} | {r['variant']} | {_what(r)} | {_ms(j['median_s'])} | {_ms(ref['median_s'])} "
+        f"| {j['rate']:.3g} {r['metric']} | {ref['rate']:.3g} {r['metric']} | {r['speedup']:.2f}x "
+        f"| {compile_s} | {len(j['times_s'])} | {j['loadavg_before'][0]:.1f} to {j['loadavg_after'][0]:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  for path in (argv if argv is not None else sys.argv[1:]):
+    with open(path) as f:
+      report = json.load(f)
+    env = report["environment"]
+    flags = f"XLA_FLAGS='{env['xla_flags']}' " if env.get("xla_flags") else ""
+    print(f"{path}: {env['cpu']} x{env['cpu_count']}, {env['date_utc']}, "
+          f"jax {env['versions']['jax']} ({env['jax_backend']}), torch {env['versions']['torch']} "
+          f"({env['torch_threads']} threads)\n`{flags}{env['command']}`\n")
+    print(table(report["results"]))
+    print()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,92 @@
+"""The benchmark harness runs and writes well-formed results (timings unchecked).
+
+One quick run: a 2-block model at 256 x 256, every benchmark, few repeats.
+"""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import run
+from benchmarks.seed_attention import SeedAttention, seed_attention
+from sam_jax.modeling import image_encoder as ie
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "quick.json"
+  assert run.main(["--quick", "--out", str(out)]) == 0
+  with open(out) as f:
+    return json.load(f)
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_environment_is_recorded(report):
+  env = report["environment"]
+  for key in ("date_utc", "cpu", "cpu_count", "jax_backend", "versions", "loadavg", "command"):
+    assert key in env, key
+  assert env["versions"]["jax"] and env["versions"]["torch"]
+  assert "--quick" in env["command"]
+  assert report["anchors"]["image encoder TFLOP per 1024x1024 image"]["vit_h"] == 5.96
+
+
+def test_every_benchmark_has_well_formed_rows(report):
+  rows = report["results"]
+  assert {r["bench"] for r in rows} == set(run.BENCHMARKS)
+  for row in rows:
+    assert _positive(row["speedup"]), row
+    for side in ("sam_jax", "reference"):
+      s = row[side]
+      assert s["times_s"] and all(_positive(t) for t in s["times_s"]), (row["bench"], side)
+      assert _positive(s["median_s"]) and _positive(s["rate"]) and _positive(s["first_call_s"])
+      assert len(s["loadavg_before"]) == 3 and len(s["loadavg_after"]) == 3
+    assert math.isclose(row["speedup"], row["reference"]["median_s"] / row["sam_jax"]["median_s"])
+
+
+def test_encoder_rows(report):
+  enc = [r for r in report["results"] if r["bench"] == "encoder"]
+  assert len(enc) == 2  # the fast path, then the seed attention for before/after
+  fast, seed = enc
+  assert "attention" not in fast and "seed" in seed["attention"]
+  for row in enc:
+    assert _positive(row["sam_jax"]["compile_s"])
+    assert row["sam_jax"]["peak_rss_growth_mb"] >= 0
+  assert _positive(seed["fast_path_speedup"])
+
+
+def test_amg_rows_count_masks(report):
+  (amg,) = [r for r in report["results"] if r["bench"] == "amg"]
+  assert amg["points_per_side"] == 4
+  assert amg["sam_jax"]["masks"] >= 0 and amg["reference"]["masks"] >= 0
+
+
+def test_seed_attention_swaps_back():
+  fast = ie.Attention
+  with seed_attention():
+    assert ie.Attention is SeedAttention
+  assert ie.Attention is fast
+
+
+@pytest.mark.parametrize("use_rel_pos,query_chunk", [(True, 50), (True, 0), (False, 16)])
+def test_fast_attention_matches_seed(use_rel_pos, query_chunk):
+  """The chunked, fused-bias attention equals the materialising one, values and
+  gradients, on a non-square grid whose token count no chunk divides."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 9, 13, 32).astype(np.float32))
+  fast = ie.Attention(4, use_rel_pos, (9, 13), query_chunk=query_chunk)
+  seed = SeedAttention(4, use_rel_pos, (9, 13))
+  params = fast.init(jax.random.key(0), x)
+  params = jax.tree_util.tree_map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)
+  got, want = fast.apply(params, x), seed.apply(params, x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  loss = lambda m: lambda p: (m.apply(p, x) ** 2).sum()  # noqa: E731
+  for g, w in zip(jax.tree.leaves(jax.grad(loss(fast))(params)),
+                  jax.tree.leaves(jax.grad(loss(seed))(params))):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
