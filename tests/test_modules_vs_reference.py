@@ -11,9 +11,10 @@ import pytest
 import torch
 from segment_anything.modeling import image_encoder as ref_ie
 
+from sam_jax.convert import state_dict_to_params
 from sam_jax.modeling import image_encoder as ie
 from tests.conftest import assert_close_abs, assert_close_rel
-from tests.reference import reference_sam, save_and_convert
+from tests.reference import randomise_, reference_sam, save_and_convert
 
 EMB_REL, LOGIT_ABS = 1e-4, 1e-3
 
@@ -62,12 +63,10 @@ def test_block_non_square_tokens(window):
   blk = ref_ie.Block(dim=64, num_heads=4, use_rel_pos=True, window_size=window,
                      input_size=(16, 16),
                      norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6)).eval()
-  from tests.reference import randomise_
   randomise_(blk, seed=3)
   x = np.random.RandomState(1).randn(2, 20, 34, 64).astype(np.float32)
   with torch.no_grad():
     expected = blk(torch.from_numpy(x)).numpy()
-  from sam_jax.convert import state_dict_to_params
   module = ie.Block(num_heads=4, window_size=window, input_size=(16, 16))
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros_like(x))["params"]
   params = state_dict_to_params({k: v.numpy() for k, v in blk.state_dict().items()}, abstract)
@@ -100,16 +99,20 @@ def _prompt_cases(rng, n=3):
   }
 
 
+@torch.no_grad()
+def _reference_prompts(ref, kwargs):
+  t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+  return ref.prompt_encoder(
+      points=None if "points" not in kwargs else (t(kwargs["points"][0]), t(kwargs["points"][1])),
+      boxes=None if "boxes" not in kwargs else t(kwargs["boxes"]),
+      masks=None if "masks" not in kwargs else t(kwargs["masks"])[:, None])
+
+
 @pytest.mark.parametrize("case", ["points", "boxes", "masks", "points+boxes", "all"])
 def test_prompt_encoder(small, case):
   ref, model, variables = small
   kwargs = _prompt_cases(np.random.RandomState(2))[case]
-  with torch.no_grad():
-    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
-    sparse_ref, dense_ref = ref.prompt_encoder(
-        points=None if "points" not in kwargs else (t(kwargs["points"][0]), t(kwargs["points"][1])),
-        boxes=None if "boxes" not in kwargs else t(kwargs["boxes"]),
-        masks=None if "masks" not in kwargs else t(kwargs["masks"])[:, None])
+  sparse_ref, dense_ref = _reference_prompts(ref, kwargs)
   sparse, valid, dense = model.apply(
       variables, method=lambda m: m.prompt_encoder(**{k: kwargs[k] for k in kwargs}))
   assert_close_rel(sparse, sparse_ref.detach().numpy(), EMB_REL, "sparse prompt embeddings")
@@ -127,12 +130,8 @@ def test_mask_decoder(small, multimask, case):
   ref, model, variables = small
   kwargs = _prompt_cases(np.random.RandomState(3))[case]
   emb = np.random.RandomState(4).randn(1, 16, 16, 256).astype(np.float32)
+  sparse_ref, dense_ref = _reference_prompts(ref, kwargs)
   with torch.no_grad():
-    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
-    sparse_ref, dense_ref = ref.prompt_encoder(
-        points=None if "points" not in kwargs else (t(kwargs["points"][0]), t(kwargs["points"][1])),
-        boxes=None if "boxes" not in kwargs else t(kwargs["boxes"]),
-        masks=None if "masks" not in kwargs else t(kwargs["masks"])[:, None])
     masks_ref, iou_ref = ref.mask_decoder(
         image_embeddings=_nchw(emb), image_pe=ref.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse_ref, dense_prompt_embeddings=dense_ref,
