@@ -17,6 +17,13 @@ import jax.numpy as jnp
 from sam_jax.modeling import image_encoder as ie
 
 
+def decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, q_size, k_size):
+  """The relative-position bias materialised as (B, qh*qw, kh*kw), as before."""
+  rel_h, rel_w = ie.decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+  bias = rel_h[:, :, :, None] + rel_w[:, :, None, :]
+  return bias.reshape(q.shape[0], q.shape[1], k_size[0] * k_size[1])
+
+
 class SeedAttention(nn.Module):
   num_heads: int
   use_rel_pos: bool = True
@@ -36,7 +43,7 @@ class SeedAttention(nn.Module):
       init = nn.initializers.zeros
       rel_pos_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, head_dim))
       rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, head_dim))
-      attn = attn + ie.decomposed_rel_pos_bias(
+      attn = attn + decomposed_rel_pos_bias(
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
     x = einops.rearrange(attn @ v, "(b n) (h w) d -> b h w (n d)", b=b, h=h)

@@ -75,3 +75,14 @@ def save_and_convert(sam: Sam, tmp_path, name="sam"):
   assert convert_weights.main(["--checkpoint", pth, "--output", out]) == 0
   model, params = load_sam(out)
   return pth, out, model, params
+
+
+# Generator settings under which random weights keep masks (see tests/test_amg.py).
+AMG_TEST_SETTINGS = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.6,
+                         stability_score_offset=0.1, box_nms_thresh=0.999)
+
+
+def tiny_reference_sam() -> Sam:
+  """The small randomised reference that the generator and CLI tests share."""
+  return reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
+                       image_size=256, window_size=7, decoder_mlp_dim=256, seed=0)

@@ -17,16 +17,14 @@ from torchvision.ops import batched_nms
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import TRACE_COUNTS
 from sam_jax.utils import amg
-from tests.reference import reference_sam, save_and_convert
+from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
 
-SETTINGS = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.6,
-                stability_score_offset=0.1, box_nms_thresh=0.999)
+SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                      image_size=256, window_size=7, decoder_mlp_dim=256, seed=0)
+  ref = tiny_reference_sam()
   _, _, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
   return ref, model, params
 

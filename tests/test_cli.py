@@ -16,18 +16,16 @@ from sam_jax import predict as predict_cli
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import SamPredictor
 from sam_jax.utils.amg import rle_to_mask
-from tests.reference import reference_sam, save_and_convert
+from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
 
 SETTINGS = ["--points-per-side", "8", "--pred-iou-thresh", "0.3", "--stability-score-thresh",
             "0.6", "--stability-score-offset", "0.1", "--box-nms-thresh", "0.999"]
-GENERATOR_SETTINGS = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.6,
-                          stability_score_offset=0.1, box_nms_thresh=0.999)
+GENERATOR_SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                      image_size=256, window_size=7, decoder_mlp_dim=256, seed=0)
+  ref = tiny_reference_sam()
   _, directory, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
   return directory, model, params
 

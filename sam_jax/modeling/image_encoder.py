@@ -70,19 +70,6 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
   return rel_pos[relative.astype(np.int64)]
 
 
-def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
-                            q_size: Tuple[int, int], k_size: Tuple[int, int]) -> jax.Array:
-  """MViTv2's decomposed relative-position bias, (B, qh*qw, kh*kw), materialised.
-
-  q is (B, qh*qw, C), unscaled, as in the reference. `Attention` does not
-  build this (it adds the two factors inside the softmax); kept as the plain
-  statement of what it computes.
-  """
-  rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-  bias = rel_h[:, :, :, None] + rel_w[:, :, None, :]
-  return bias.reshape(q.shape[0], q.shape[1], k_size[0] * k_size[1])
-
-
 def decomposed_rel_pos_terms(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
                              q_size: Tuple[int, int], k_size: Tuple[int, int]
                              ) -> Tuple[jax.Array, jax.Array]:
