@@ -19,18 +19,43 @@ SIZES = {
 }
 
 
-def paired_models(variant: str, image_size: int = 1024, seed: int = 0
+def paired_models(variant: str, image_size: int = 1024, seed: int = 0, **overrides
                   ) -> Tuple[Any, Any, Dict[str, Any]]:
-  """(reference torch Sam, sam_jax Sam, params) with the same random weights."""
+  """(reference torch Sam, sam_jax Sam, params) with the same random weights.
+
+  `overrides` update the sam_jax model's config (e.g. dtype="bfloat16").
+  """
   from tests.reference import reference_sam  # torch and segment_anything: import late
   embed_dim, depth, heads, global_idx = SIZES[variant]
   ref = reference_sam(embed_dim=embed_dim, depth=depth, num_heads=heads,
                       global_attn_indexes=global_idx, image_size=image_size, seed=seed)
   state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
   config = infer_config(state_dict)
+  _override(config, overrides)
   model = build_sam(config)
   params = state_dict_to_params(state_dict, abstract_params(model))
   return ref, model, params
+
+
+def jax_model(variant: str, image_size: int = 1024, **overrides) -> Any:
+  """The sam_jax model alone (no reference, no weights), for benchmarks that need no pair."""
+  from sam_jax.build import model_config
+  embed_dim, depth, heads, global_idx = SIZES[variant]
+  config = model_config("vit_b")
+  config.image_size = image_size
+  config.image_encoder.update(dict(embed_dim=embed_dim, depth=depth, num_heads=heads,
+                                   global_attn_indexes=global_idx))
+  _override(config, overrides)
+  return build_sam(config)
+
+
+def _override(config, overrides: Dict[str, Any]) -> None:
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
 
 
 def astronaut() -> np.ndarray:

@@ -3,12 +3,14 @@
   python -m benchmarks.run                       # vit_b at 1024, every benchmark
   python -m benchmarks.run --quick               # a 2-block model at 256: a smoke run
   python -m benchmarks.run --only encoder --variants vit_b,vit_l --out results.json
+  python -m benchmarks.run --variants vit_h --dtype bfloat16 --batch 1,8   # on a GPU
   XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
     python -m benchmarks.run --only decoder,predict --torch-threads 1   # one thread each
 
 Both sides get the same randomised weights (no released checkpoints are
-needed), the same inputs, the same device (CPU for torch; JAX's default
-backend, which should be the CPU too for a like-for-like row) and fp32.
+needed), the same inputs, the same device (torch follows JAX's default
+backend: CUDA when JAX is on a GPU) and the same precision (`--dtype` is the
+image encoder's; the decoders run in float32 on both sides).
 Every function is warmed up first; JAX compile time is reported on its own.
 Repeats alternate sam_jax, reference, sam_jax, ... so that other jobs on a
 shared machine slow both alike, and the load average is recorded with the
@@ -21,17 +23,17 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from benchmarks.models import astronaut, paired_models
+from benchmarks.models import astronaut, jax_model, paired_models
 from benchmarks.seed_attention import seed_attention
 
-BENCHMARKS = ("encoder", "decoder", "predict", "amg")
+BENCHMARKS = ("encoder", "attention", "decoder", "predict", "amg", "train")
 
 # Published figures, for orientation only: other hardware, released weights.
 ANCHORS = {
@@ -43,7 +45,32 @@ ANCHORS = {
 
 def _nchw(x: np.ndarray):
   import torch
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(timing.torch_device())
+
+
+def _torch_dtype(dtype: str):
+  import torch
+  return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _torch_peak_mb(fn) -> Optional[float]:
+  """Peak CUDA memory torch allocates during fn() beyond what it held before."""
+  import torch
+  if timing.torch_device() != "cuda":
+    return None
+  torch.cuda.synchronize()
+  torch.cuda.reset_peak_memory_stats()
+  before = torch.cuda.memory_allocated()
+  timing.block(fn())
+  return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+
+
+def _xla_memory_mb(compiled) -> Dict[str, float]:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  return {"xla_temp_mb": round(mem.temp_size_in_bytes / 2**20, 1),
+          "xla_output_mb": round(mem.output_size_in_bytes / 2**20, 1)}
 
 
 def _compile(fn, *args):
@@ -66,39 +93,123 @@ def _row(bench: str, metric: str, jax_side: Dict, ref_side: Dict, per_call: floa
 
 
 def bench_encoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
+  import copy
+
   import torch
   h, w = model.image_size
-  x = np.random.RandomState(0).uniform(0, 255, (args.batch, h, w, 3)).astype(np.float32)
-  xt = _nchw(x)
   embed = lambda p, im: model.apply({"params": p}, im, method=model.embed_images)  # noqa: E731
-  xj = jnp.asarray(x)
-  compiled = {}
-  compile_s = {}
-  compiled["sam_jax"], compile_s["sam_jax"] = _compile(embed, params, xj)
-  if args.seed_attention:
-    with seed_attention():
-      compiled["seed"], compile_s["seed"] = _compile(embed, params, xj)
+  ref_encoder, ref_dtype = ref, _torch_dtype(args.dtype)
+  if ref_dtype != torch.float32:
+    ref_encoder = copy.deepcopy(ref).to(ref_dtype)
+  rows = []
+  for batch in args.batch:
+    x = np.random.RandomState(0).uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
+    xt = _nchw(x).to(ref_dtype)
+    xj = jnp.asarray(x)
+    compiled, compile_s = {}, {}
+    compiled["sam_jax"], compile_s["sam_jax"] = _compile(embed, params, xj)
+    if args.seed_attention:
+      with seed_attention():
+        compiled["seed"], compile_s["seed"] = _compile(embed, params, xj)
 
-  def reference():
-    with torch.inference_mode():
-      return ref.image_encoder(ref.preprocess(xt))
+    def reference():
+      with torch.inference_mode():
+        return ref_encoder.image_encoder(ref_encoder.preprocess(xt))
 
-  fns = {name: (lambda c=c: c(params, xj)) for name, c in compiled.items()}
-  fns["reference"] = reference
-  res = timing.interleaved(fns, args.repeats_encoder, memory=True)
-  for name, c in compiled.items():
-    res[name]["compile_s"] = compile_s[name]
-    mem = c.memory_analysis()
-    if mem is not None:
-      res[name]["xla_temp_mb"] = round(mem.temp_size_in_bytes / 2**20, 1)
-  info = dict(variant=variant, image_size=[h, w], batch=args.batch)
-  rows = [_row("encoder", "images/s", res["sam_jax"], res["reference"], per_call=args.batch,
-               **info)]
-  if args.seed_attention:
-    row = _row("encoder", "images/s", res["seed"], res["reference"], per_call=args.batch,
-               attention="seed (before the fast path)", **info)
-    row["fast_path_speedup"] = res["seed"]["median_s"] / res["sam_jax"]["median_s"]
-    rows.append(row)
+    fns = {name: (lambda c=c: c(params, xj)) for name, c in compiled.items()}
+    fns["reference"] = reference
+    on_cpu = timing.torch_device() == "cpu"
+    res = timing.interleaved(fns, args.repeats_encoder, warmup=1 if on_cpu else 3,
+                             memory=on_cpu)
+    for name, c in compiled.items():
+      res[name]["compile_s"] = compile_s[name]
+      res[name].update(_xla_memory_mb(c))
+    peak = _torch_peak_mb(reference)
+    if peak is not None:
+      res["reference"]["cuda_peak_mb"] = peak
+    info = dict(variant=variant, image_size=[h, w], batch=batch, dtype=args.dtype,
+                attention=_attention_of(model))
+    rows.append(_row("encoder", "images/s", res["sam_jax"], res["reference"], per_call=batch,
+                     **info))
+    if args.seed_attention:
+      info["attention"] = "seed (before the fast path)"
+      row = _row("encoder", "images/s", res["seed"], res["reference"], per_call=batch, **info)
+      row["fast_path_speedup"] = res["seed"]["median_s"] / res["sam_jax"]["median_s"]
+      rows.append(row)
+  return rows
+
+
+def _attention_of(model) -> str:
+  from sam_jax.modeling.image_encoder import resolve_attention
+  enc = model.image_encoder
+  return (f"global {resolve_attention(enc.attention, enc.dtype)}, "
+          f"windows {resolve_attention(enc.window_attention, enc.dtype)}")
+
+
+def bench_attention(ref, model, params, variant, args) -> List[Dict[str, Any]]:
+  """One global and one windowed encoder block, forward and forward + backward,
+  per attention implementation, against the reference's Block (own random
+  weights each: timing only; the implementations' outputs are compared)."""
+  import torch
+  from segment_anything.modeling.image_encoder import Block as RefBlock
+
+  from sam_jax.modeling.image_encoder import Block
+  enc = model.image_encoder
+  dim, heads, grid = enc.embed_dim, enc.num_heads, enc.grid_size
+  batch = max(args.batch)
+  ref_dtype, dev = _torch_dtype(args.dtype), timing.torch_device()
+  x = np.random.RandomState(2).randn(batch, *grid, dim).astype(np.float32)
+  xj = jnp.asarray(x, enc.dtype)
+  rows = []
+  for kind, window in (("global", 0), ("window", enc.window_size)):
+    ref_block = RefBlock(dim, heads, use_rel_pos=True, window_size=window,
+                         input_size=grid if window == 0 else (window, window))
+    ref_block = ref_block.to(dev, ref_dtype)
+    xt = torch.from_numpy(x).to(dev, ref_dtype)
+    outputs = {}
+    for impl in args.attention_impls:
+      block = Block(heads, window_size=window, input_size=grid, dtype=enc.dtype, attention=impl)
+      try:
+        p = jax.jit(block.init)(jax.random.key(0), xj)["params"]
+      except Exception as e:  # e.g. cuDNN missing or unsupported on this device
+        print(f"# attention {kind} {impl}: {type(e).__name__}: {e}"[:400], flush=True)
+        continue
+      p = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape), p)
+      fwd = lambda p, x, block=block: block.apply({"params": p}, x)  # noqa: E731
+      grad = jax.grad(lambda p, x, fwd=fwd: fwd(p, x).astype(jnp.float32).sum(), (0, 1))
+      for mode, fn in (("forward", fwd), ("forward+backward", grad)):
+        try:
+          compiled, compile_s = _compile(fn, p, xj)
+        except Exception as e:  # e.g. cuDNN missing or unsupported on this device
+          print(f"# attention {kind} {impl} {mode}: {type(e).__name__}: {e}"[:400], flush=True)
+          continue
+        if mode == "forward":
+          outputs[impl] = np.asarray(compiled(p, xj), np.float32)
+
+        def reference(mode=mode):
+          if mode == "forward":
+            with torch.inference_mode():
+              return ref_block(xt)
+          xr = xt.detach().requires_grad_(True)
+          ref_block.zero_grad(set_to_none=True)
+          ref_block(xr).float().sum().backward()
+          return xr.grad
+
+        res = timing.interleaved({"sam_jax": lambda c=compiled: c(p, xj),
+                                  "reference": reference}, args.repeats_attention, warmup=2)
+        res["sam_jax"]["compile_s"] = compile_s
+        res["sam_jax"].update(_xla_memory_mb(compiled))
+        rows.append(_row("attention", "blocks/s", res["sam_jax"], res["reference"],
+                         variant=variant, block=kind, tokens=grid[0] * grid[1],
+                         window=window, mode=mode, implementation=impl, batch=batch,
+                         dtype=args.dtype))
+    if "xla" in outputs:  # how far the other implementations are from XLA's
+      scale = float(np.abs(outputs["xla"]).max())
+      for row in rows:
+        if row["block"] == kind and row["mode"] == "forward" and row["implementation"] in outputs:
+          diff = np.abs(outputs[row["implementation"]] - outputs["xla"]).max()
+          row["max_abs_diff_vs_xla"] = float(diff)
+          row["max_abs_output"] = scale
   return rows
 
 
@@ -118,7 +229,8 @@ def bench_decoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
     labels = np.ones((1, n_prompts, 1), np.int32)
     cj, lj, ej = jnp.asarray(coords), jnp.asarray(labels), jnp.asarray(emb)
     compiled, compile_s = _compile(decode, params, ej, cj, lj)
-    ct, lt = torch.from_numpy(coords[0]), torch.from_numpy(labels[0])
+    dev = timing.torch_device()
+    ct, lt = torch.from_numpy(coords[0]).to(dev), torch.from_numpy(labels[0]).to(dev)
 
     def reference():
       with torch.inference_mode():
@@ -130,6 +242,7 @@ def bench_decoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
     res = timing.interleaved({"sam_jax": lambda: compiled(params, ej, cj, lj),
                               "reference": reference}, args.repeats_decoder, warmup=2)
     res["sam_jax"]["compile_s"] = compile_s
+    res["sam_jax"].update(_xla_memory_mb(compiled))
     rows.append(_row("decoder", "prompts/s", res["sam_jax"], res["reference"],
                      per_call=n_prompts, variant=variant, prompts=n_prompts,
                      multimask_output=True))
@@ -182,6 +295,81 @@ def bench_amg(ref, model, params, variant, args) -> List[Dict[str, Any]]:
                note="other settings are the reference's defaults; randomised weights")]
 
 
+def _synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int = 0):
+  """Images and rectangular object masks of varied size on the low-res grid."""
+  rs = np.random.RandomState(seed)
+  h, w = image_size
+  masks = np.zeros((batch, max_masks, *low_res), bool)
+  for b in range(batch):
+    for m in range(max_masks):
+      y0, x0 = rs.randint(0, low_res[0] // 2), rs.randint(0, low_res[1] // 2)
+      y1 = y0 + rs.randint(2, low_res[0] // 2)
+      x1 = x0 + rs.randint(2, low_res[1] // 2)
+      masks[b, m, y0:y1, x0:x1] = True
+  return dict(images=rs.uniform(0, 255, (batch, h, w, 3)).astype(np.float32),
+              masks=masks, valid=np.ones((batch, max_masks), bool))
+
+
+def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
+  """One step of the paper's recipe (configs/pretrain.py) on synthetic data:
+  step time, images/s, model FLOPs and MFU, device memory. No reference: Meta
+  released no training code."""
+  from configs import pretrain
+  from sam_jax.checkpoint import init_params
+  from sam_jax.train import flops, recipe
+  from sam_jax.train.trainer import Trainer
+  enc = model.image_encoder
+  cfg = pretrain.get_config(variant if variant in pretrain.RECIPES else "vit_b")
+  cfg.model.image_size = args.image_size
+  cfg.model.image_encoder.update(dict(
+      embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
+      global_attn_indexes=tuple(enc.global_attn_indexes), remat=args.remat,
+      attention=enc.attention, window_attention=enc.window_attention))
+  cfg.model.dtype = args.dtype
+  cfg.data.max_masks = args.train_masks
+  cfg.batch_size = args.train_batch * jax.device_count()
+  if args.quick:  # compiles in a fraction of the full recipe's time on a small CPU
+    cfg.prompts.num_rounds, cfg.prompts.num_no_point_rounds = 2, 0
+    cfg.remat_rounds = False
+  trainer = Trainer(cfg)
+  low_res = recipe.low_res_size(trainer.model)
+  batch = _synthetic_batch(cfg.batch_size, trainer.model.image_size, low_res, args.train_masks)
+  # Counted on the step's jaxpr (forward and backward of every round, no remat).
+  model_flops = flops.train_step_flops(trainer.mcfg, cfg, trainer.abstract_params, batch)
+
+  params = init_params(trainer.model, jax.random.key(0))
+  state = trainer.init_state(params)
+  del params
+  t = time.perf_counter()
+  state, metrics = trainer.train_step(state, batch)  # compiles
+  jax.block_until_ready(metrics["loss"])
+  first_s = time.perf_counter() - t
+  times = []
+  for _ in range(args.repeats_train):
+    t = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t)
+  median = float(np.median(times))
+  peak = flops.peak_flops(jax.devices()[0].device_kind, args.dtype)
+  stats = jax.devices()[0].memory_stats() or {}
+  row = dict(bench="train", metric="images/s", variant=variant, dtype=args.dtype,
+             image_size=list(trainer.model.image_size), batch_per_device=args.train_batch,
+             devices=jax.device_count(), masks_per_image=args.train_masks,
+             prompt_rounds=cfg.prompts.num_rounds, remat=args.remat,
+             attention=_attention_of(trainer.model),
+             sam_jax=dict(first_call_s=first_s, times_s=times, median_s=median,
+                          min_s=min(times), rate=cfg.batch_size / median,
+                          loss=float(metrics["loss"])),
+             model_tflop_per_step=model_flops / 1e12,
+             model_tflop_per_s=model_flops / median / 1e12,
+             peak_tflop_per_s=peak / 1e12 if peak else None,
+             mfu=model_flops / median / (peak * jax.device_count()) if peak else None,
+             device_peak_memory_gb=(round(stats["peak_bytes_in_use"] / 2**30, 2)
+                                    if "peak_bytes_in_use" in stats else None))
+  return [row]
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
@@ -190,7 +378,20 @@ def parse_args(argv=None):
                  help=f"comma-separated subset of {','.join(BENCHMARKS)}")
   p.add_argument("--variants", default=None, help="comma-separated: tiny, vit_b, vit_l, vit_h")
   p.add_argument("--image-size", type=int, default=None)
-  p.add_argument("--batch", type=int, default=1, help="images per encoder call")
+  p.add_argument("--batch", default="1", help="images per encoder call, comma-separated")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="the image encoder's compute dtype, on both sides")
+  p.add_argument("--precision", default="highest", choices=("highest", "tf32"),
+                 help="float32 matmuls on GPUs: full float32 (both sides) or TF32 (both sides)")
+  p.add_argument("--attention", default="auto",
+                 help="the sam_jax encoder's attention: IMPL or GLOBAL,WINDOW (auto, xla, cudnn)")
+  p.add_argument("--attention-impls", default=None,
+                 help="implementations the attention benchmark compares (default: xla, "
+                      "plus cudnn on GPUs)")
+  p.add_argument("--train-batch", type=int, default=None, help="training images per device")
+  p.add_argument("--train-masks", type=int, default=None, help="masks per training image")
+  p.add_argument("--no-remat", dest="remat", action="store_false",
+                 help="train without rematerialising the encoder blocks")
   p.add_argument("--prompts", default="1,16,64", help="prompts per image for the decoder")
   p.add_argument("--points-per-side", type=int, default=None,
                  help="AMG grid (the reference's default is 32)")
@@ -201,12 +402,26 @@ def parse_args(argv=None):
   p.add_argument("--torch-threads", type=int, default=None,
                  help="torch.set_num_threads for the reference (default: torch's, one per core)")
   p.add_argument("--out", default=None, help="write the results as JSON here")
+  p.add_argument("--keep-going", action="store_true",
+                 help="record a failing benchmark as an error row and go on")
   args = p.parse_args(argv)
   args.only = [b for b in args.only.split(",") if b]
   unknown = set(args.only) - set(BENCHMARKS)
   if unknown:
     p.error(f"unknown benchmarks {sorted(unknown)}; choose from {BENCHMARKS}")
   args.variants = (args.variants or ("tiny" if args.quick else "vit_b")).split(",")
+  args.batch = [int(b) for b in args.batch.split(",")]
+  impls = args.attention.split(",")
+  if len(impls) not in (1, 2):
+    p.error("--attention is IMPL or GLOBAL,WINDOW")
+  args.attention = (impls[0], impls[-1])
+  gpu = jax.default_backend() == "gpu"
+  args.attention_impls = (args.attention_impls.split(",") if args.attention_impls else
+                          ["xla", "cudnn"] if gpu and args.dtype != "float32" else ["xla"])
+  args.train_batch = args.train_batch or (2 if args.quick else 4)
+  args.train_masks = args.train_masks or (2 if args.quick else 64)
+  if args.seed_attention and (gpu or args.dtype != "float32"):
+    args.seed_attention = False  # the before/after row is a CPU float32 one
   args.image_size = args.image_size or (256 if args.quick else 1024)
   args.prompts = [int(n) for n in args.prompts.split(",")] if not args.quick else [2]
   if args.points_per_side is None:
@@ -218,18 +433,45 @@ def parse_args(argv=None):
   args.repeats_decoder = r or (2 if args.quick else 10)
   args.repeats_predict = r or (2 if args.quick else 10)
   args.repeats_amg = r or (1 if args.quick else 2)
+  args.repeats_attention = r or (2 if args.quick else 10)
+  args.repeats_train = r or (2 if args.quick else 5)
   return args
 
 
 def format_row(row: Dict[str, Any]) -> str:
-  j, r = row["sam_jax"], row["reference"]
-  what = {"encoder": f"batch {row.get('batch')}" + (" SEED" if "attention" in row else ""), "decoder": f"{row.get('prompts')} prompts",
-          "predict": "1 point", "amg": f"{row.get('points_per_side')}^2 points"}[row["bench"]]
+  if "error" in row:
+    return f"{row['bench']:9s} {row['variant']:6s} FAILED: {row['error']}"[:600]
+  j, r = row["sam_jax"], row.get("reference")
+  what = {"encoder": lambda: f"batch {row['batch']} {row['dtype']}"
+                             + (" SEED" if "seed" in row["attention"] else ""),
+          "attention": lambda: f"{row['block']} {row['mode']} {row['implementation']}",
+          "decoder": lambda: f"{row['prompts']} prompts",
+          "predict": lambda: "1 point",
+          "amg": lambda: f"{row['points_per_side']}^2 points",
+          "train": lambda: f"batch {row['batch_per_device']} {row['dtype']}"}[row["bench"]]()
   extra = f"  compile {j['compile_s']:.1f}s" if "compile_s" in j else ""
   if "masks" in j:
     extra += f"  masks {j['masks']} vs {r['masks']}"
-  return (f"{row['bench']:8s} {row['variant']:6s} {what:14s} sam_jax {j['median_s']*1e3:10.1f} ms"
-          f"  reference {r['median_s']*1e3:10.1f} ms  speedup {row['speedup']:5.2f}x{extra}")
+  if "max_abs_diff_vs_xla" in row:
+    extra += f"  |diff vs xla| {row['max_abs_diff_vs_xla']:.2e} of {row['max_abs_output']:.2e}"
+  if r is None:
+    mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
+    return (f"{row['bench']:9s} {row['variant']:6s} {what:30s} sam_jax {j['median_s']*1e3:10.1f} ms"
+            f"  {j['rate']:.2f} images/s  {row['model_tflop_per_s']:.1f} TFLOP/s  MFU {mfu}"
+            f"  peak memory {row['device_peak_memory_gb']} GB  first step {j['first_call_s']:.1f}s")
+  return (f"{row['bench']:9s} {row['variant']:6s} {what:30s} sam_jax {j['median_s']*1e3:10.2f} ms"
+          f"  reference {r['median_s']*1e3:10.2f} ms  speedup {row['speedup']:5.2f}x{extra}")
+
+
+def _set_precision(precision: str) -> None:
+  """Float32 matmuls on GPUs: both sides full float32, or both TF32."""
+  if jax.default_backend() != "gpu":
+    return
+  import torch
+  tf32 = precision == "tf32"
+  jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+  torch.backends.cuda.matmul.allow_tf32 = tf32
+  torch.backends.cudnn.allow_tf32 = tf32
 
 
 def main(argv=None) -> int:
@@ -237,36 +479,56 @@ def main(argv=None) -> int:
   if args.torch_threads:
     import torch
     torch.set_num_threads(args.torch_threads)
+  _set_precision(args.precision)
   env = timing.environment()
   env["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+  env["precision"] = args.precision
   print(f"# {env['cpu']} x{env['cpu_count']}, jax {env['versions']['jax']} "
-        f"({env['jax_backend']}), torch {env['versions']['torch']}, load {env['loadavg']}",
-        flush=True)
-  if env["jax_backend"] != "cpu":
-    print("# note: JAX is not on the CPU but torch is: this is not a like-for-like row")
+        f"({env['jax_backend']}: {env['jax_device_kind']}), torch {env['versions']['torch']} "
+        f"({env['torch_device_name']}), load {env['loadavg']}", flush=True)
   image = astronaut()
   results: List[Dict[str, Any]] = []
-  fns = dict(encoder=bench_encoder, decoder=bench_decoder, predict=bench_predict, amg=bench_amg)
+  report = {"environment": env, "anchors": ANCHORS, "results": results}
+
+  def write():
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+
+  fns = dict(encoder=bench_encoder, attention=bench_attention, decoder=bench_decoder,
+             predict=bench_predict, amg=bench_amg, train=bench_train)
+  overrides = {"dtype": args.dtype, "image_encoder.attention": args.attention[0],
+               "image_encoder.window_attention": args.attention[1]}
   for variant in args.variants:
     t = time.perf_counter()
-    ref, model, params = paired_models(variant, args.image_size)
+    if args.only == ["train"]:  # no reference to compare with, no weights to share
+      ref, model, params = None, jax_model(variant, args.image_size, **overrides), None
+    else:
+      ref, model, params = paired_models(variant, args.image_size, **overrides)
+      ref = ref.to(timing.torch_device())
+      # On the device once: host arrays would be copied to it at every call.
+      params = jax.device_put(params)
     print(f"# {variant} at {args.image_size}: models built in {time.perf_counter() - t:.1f}s",
           flush=True)
     args.image = image
     for name in args.only:
-      rows = fns[name](ref, model, params, variant, args)
+      try:
+        rows = fns[name](ref, model, params, variant, args)
+      except Exception as e:  # noqa: BLE001 -- with --keep-going, one failure is a row
+        if not args.keep_going:
+          raise
+        rows = [dict(bench=name, variant=variant, error=f"{type(e).__name__}: {e}")]
       for row in rows:
         row["loadavg_after"] = list(os.getloadavg())
         print(format_row(row), flush=True)
       results.extend(rows)
+      write()
     del ref, model, params
     gc.collect()
-  report = {"environment": env, "anchors": ANCHORS, "results": results}
   print("# published anchors (other hardware, for orientation): "
         + json.dumps(ANCHORS), flush=True)
+  write()
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1, default=float)
     print(f"# wrote {args.out}")
   return 0
 

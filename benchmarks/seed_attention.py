@@ -30,6 +30,7 @@ class SeedAttention(nn.Module):
   input_size: Tuple[int, int] = (14, 14)
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  implementation: str = "xla"  # only XLA's, as before
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

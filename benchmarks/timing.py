@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Optional
@@ -14,8 +15,12 @@ import jax
 
 
 def block(x):
-  """Waits for JAX results; torch and numpy results are ready already."""
-  return jax.block_until_ready(x)
+  """Waits for JAX results and for torch's CUDA stream (a no-op on CPU)."""
+  x = jax.block_until_ready(x)
+  torch = sys.modules.get("torch")
+  if torch is not None and torch.cuda.is_initialized():
+    torch.cuda.synchronize()
+  return x
 
 
 def _rss_bytes() -> int:
@@ -112,6 +117,12 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def torch_device() -> str:
+  """The reference runs where JAX does: on the GPU when JAX's backend is one."""
+  import torch
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def environment() -> Dict[str, Any]:
   import torch
   devices = jax.devices()
@@ -121,10 +132,15 @@ def environment() -> Dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in devices],
+      "jax_device_kind": devices[0].device_kind,
       "torch_threads": torch.get_num_threads(),
-      "torch_device": "cpu",
+      "torch_device": torch_device(),
+      "torch_device_name": (torch.cuda.get_device_name() if torch_device() == "cuda"
+                            else cpu_model()),
       "versions": {d: _version(d) for d in (
-          "jax", "jaxlib", "flax", "torch", "segment-anything", "numpy")},
+          "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "nvidia-cudnn-cu13",
+          "nvidia-cudnn-cu12", "flax", "torch", "segment-anything", "numpy")
+          if _version(d)},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "loadavg": list(os.getloadavg()),
   }

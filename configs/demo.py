@@ -60,4 +60,10 @@ def get_config(arg=None):
                  layer_decay=1.0, grad_clip=1.0)
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
+  c.tensorboard = False  # also write the metrics as TensorBoard events (WORKDIR/tensorboard)
+  c.peak_flops = 0.0  # one device's peak FLOP/s for the MFU; 0: flops.PEAK_FLOPS's entry
+  # Frozen encoder only: compute the image embeddings once, under embedding_cache_dir
+  # (default WORKDIR/embeddings), and train the prompt encoder + decoder on them.
+  c.cache_embeddings = False
+  c.embedding_cache_dir = ""
   return c

@@ -6,8 +6,8 @@
 
 `arg` is the sam_jax checkpoint directory. `--config.freeze` picks what trains:
 `frozen_image_encoder` (default, the common recipe: prompt encoder + decoder),
-`decoder_only`, or `full`. A frozen encoder is run without its backward pass
-(caching its embeddings across steps is not implemented yet).
+`decoder_only`, or `full`. A frozen encoder is run without its backward pass;
+`--config.cache_embeddings=True` runs it only once per image, before training.
 """
 
 import ml_collections
@@ -38,4 +38,10 @@ def get_config(arg=None):
   c.remat_rounds = False
   c.unroll_rounds = False
   c.eval = dict(num_images=50, max_masks=16, num_clicks=5, before_training=True)
+  c.tensorboard = False  # also write the metrics as TensorBoard events (WORKDIR/tensorboard)
+  c.peak_flops = 0.0  # one device's peak FLOP/s for the MFU; 0: flops.PEAK_FLOPS's entry
+  # Frozen encoder only: compute the image embeddings once, under embedding_cache_dir
+  # (default WORKDIR/embeddings), and train the prompt encoder + decoder on them.
+  c.cache_embeddings = False
+  c.embedding_cache_dir = ""
   return c

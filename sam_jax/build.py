@@ -41,6 +41,9 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
           qkv_bias=True,
           drop_path_rate=0.0,
           remat=False,
+          # "auto": cuDNN flash attention on GPUs in bf16/fp16, XLA otherwise.
+          attention="auto",  # the global blocks
+          window_attention="auto",
       ),
       prompt_encoder=dict(mask_in_chans=16),
       mask_decoder=dict(

@@ -104,7 +104,11 @@ def check_params(params: Params, target: Params, allow_resize: bool = False) -> 
 
 def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,
              overwrite: bool = False) -> None:
-  """Writes a checkpoint directory atomically: a failed save leaves nothing behind."""
+  """Writes a checkpoint directory atomically: a failed save leaves nothing behind.
+
+  `params` are host (or fully addressable) arrays, written by the calling process
+  alone: with several processes, one of them calls this (the others do not wait).
+  """
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} exists already; choose another path or pass overwrite.")
@@ -113,7 +117,9 @@ def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,
   check_params(params, abstract_params(build_sam(config)))
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory), dir=parent)
   try:
-    ckptr = ocp.StandardCheckpointer()
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
     ckptr.save(os.path.join(tmp, PARAMS_DIR), jax.tree_util.tree_map(np.asarray, params))
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

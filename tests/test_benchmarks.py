@@ -37,7 +37,10 @@ def test_environment_is_recorded(report):
 def test_every_benchmark_has_well_formed_rows(report):
   rows = report["results"]
   assert {r["bench"] for r in rows} == set(run.BENCHMARKS)
+  assert not [r for r in rows if "error" in r]
   for row in rows:
+    if row["bench"] == "train":  # no reference trainer to compare with
+      continue
     assert _positive(row["speedup"]), row
     for side in ("sam_jax", "reference"):
       s = row[side]
@@ -51,7 +54,7 @@ def test_encoder_rows(report):
   enc = [r for r in report["results"] if r["bench"] == "encoder"]
   assert len(enc) == 2  # the fast path, then the seed attention for before/after
   fast, seed = enc
-  assert "attention" not in fast and "seed" in seed["attention"]
+  assert fast["attention"] == "global xla, windows xla" and "seed" in seed["attention"]
   for row in enc:
     assert _positive(row["sam_jax"]["compile_s"])
     assert row["sam_jax"]["peak_rss_growth_mb"] >= 0
@@ -62,6 +65,24 @@ def test_amg_rows_count_masks(report):
   (amg,) = [r for r in report["results"] if r["bench"] == "amg"]
   assert amg["points_per_side"] == 4
   assert amg["sam_jax"]["masks"] >= 0 and amg["reference"]["masks"] >= 0
+
+
+def test_attention_rows(report):
+  rows = [r for r in report["results"] if r["bench"] == "attention"]
+  assert {(r["block"], r["mode"]) for r in rows} == {
+      (b, m) for b in ("global", "window") for m in ("forward", "forward+backward")}
+  for row in rows:
+    if row["mode"] == "forward":
+      assert row["max_abs_diff_vs_xla"] == 0.0 and row["max_abs_output"] > 0
+
+
+def test_train_row(report):
+  (row,) = [r for r in report["results"] if r["bench"] == "train"]
+  j = row["sam_jax"]
+  assert len(j["times_s"]) == 2 and all(_positive(t) for t in j["times_s"])
+  assert _positive(j["rate"]) and math.isfinite(j["loss"])
+  assert _positive(row["model_tflop_per_step"]) and _positive(row["model_tflop_per_s"])
+  assert row["mfu"] is None  # no known peak for a CPU: not guessed
 
 
 def test_seed_attention_swaps_back():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
-from sam_jax.train import losses, prompts
+from sam_jax.train import losses, prompts, recipe
 
 STRIDE = 4.0
 
@@ -136,3 +136,18 @@ def test_select_best_picks_the_minimum():
   assert onehot.sum(-1).min() == 1 and onehot.sum(-1).max() == 1
   np.testing.assert_array_equal(onehot.argmax(-1), loss.argmin(-1))
   np.testing.assert_allclose((onehot * loss).sum(-1), loss.min(-1))
+
+
+def test_the_most_confident_output_is_passed_on():
+  """Round 0 passes on the highest *predicted* IoU, not the lowest loss (SAM, app. A)."""
+  iou_pred = jnp.array([[0.2, 0.9, 0.5], [0.7, 0.1, 0.3]])
+  assert np.asarray(recipe.most_confident(iou_pred)).tolist() == [
+      [False, True, False], [True, False, False]]
+
+
+def test_jittered_boxes_stay_inside_a_non_square_image():
+  box = jnp.array([[50.0, 180.0, 100.0, 200.0]] * 256)  # near the bottom of 200 x 120
+  noisy = np.asarray(prompts.jitter_box(jax.random.key(0), box, 0.5, 1000.0, (200.0, 120.0)))
+  assert noisy[:, [0, 2]].max() <= 120.0 and noisy[:, [1, 3]].max() <= 200.0
+  assert noisy[:, [1, 3]].max() > 120.0  # y is clipped to the height, not to the width
+  assert (noisy[:, :2] <= noisy[:, 2:]).all() and noisy.min() >= 0.0

@@ -73,16 +73,17 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
 def decomposed_rel_pos_terms(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
                              q_size: Tuple[int, int], k_size: Tuple[int, int]
                              ) -> Tuple[jax.Array, jax.Array]:
-  """The two factors of the decomposed bias: (B, qh*qw, kh) and (B, qh*qw, kw).
+  """The two factors of the decomposed bias: (B, qh*qw, ..., kh) and (B, qh*qw, ..., kw).
 
-  bias[b, i, (y, x)] = rel_h[b, i, y] + rel_w[b, i, x]; q is (B, qh*qw, C), unscaled.
+  bias[b, i, ..., (y, x)] = rel_h[b, i, ..., y] + rel_w[b, i, ..., x]; q is
+  (B, qh*qw, ..., C), unscaled, with any axes (e.g. heads) before the channels.
   """
   (qh, qw), (kh, kw) = q_size, k_size
   rh = get_rel_pos(qh, kh, rel_pos_h)
   rw = get_rel_pos(qw, kw, rel_pos_w)
-  r_q = q.reshape(q.shape[0], qh, qw, q.shape[-1])
-  rel_h = jnp.einsum("bhwc,hkc->bhwk", r_q, rh).reshape(q.shape[0], qh * qw, kh)
-  rel_w = jnp.einsum("bhwc,wkc->bhwk", r_q, rw).reshape(q.shape[0], qh * qw, kw)
+  r_q = q.reshape(q.shape[0], qh, qw, *q.shape[2:])
+  rel_h = jnp.einsum("bhw...c,hkc->bhw...k", r_q, rh).reshape(*q.shape[:-1], kh)
+  rel_w = jnp.einsum("bhw...c,wkc->bhw...k", r_q, rw).reshape(*q.shape[:-1], kw)
   return rel_h, rel_w
 
 
@@ -141,6 +142,60 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[
   return out.reshape(b, n_chunks * query_chunk, d)[:, :n]
 
 
+def rel_pos_one_hots(k_size: Tuple[int, int], dtype) -> jax.Array:
+  """(kh*kw, kh + kw): key (y, x) is one-hot at y and at kh + x."""
+  kh, kw = k_size
+  y, x = np.divmod(np.arange(kh * kw), kw)
+  table = np.zeros((kh * kw, kh + kw), np.float32)
+  table[np.arange(kh * kw), y] = 1.0
+  table[np.arange(kh * kw), kh + x] = 1.0
+  return jnp.asarray(table, dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                    rel_w: Optional[jax.Array], k_size: Tuple[int, int],
+                    implementation: str = "cudnn") -> jax.Array:
+  """`_attend` through cuDNN's flash attention; q, k, v are (B, N, heads, d), q scaled.
+
+  Flash attention takes no decomposed bias, and a materialised one is
+  (heads, N, N) per image. But rel_h[i, y] + rel_w[i, x] is the dot product of
+  [rel_h[i], rel_w[i]] with key (y, x)'s one-hot [e_y, e_x], so appending those
+  to q and k puts the bias inside q k^T exactly: kh + kw more columns (128 for
+  a 64x64 grid) instead of N more (4096). The widened head is zero-padded to a
+  multiple of 8, as cuDNN requires; v is padded to the same width.
+  `implementation` is jax.nn.dot_product_attention's ("xla" checks the fold on CPU).
+  """
+  d = q.shape[-1]
+  if rel_h is not None:
+    b, n, heads, _ = q.shape
+    one_hots = jnp.broadcast_to(rel_pos_one_hots(k_size, k.dtype)[None, :, None, :],
+                                (b, n, heads, sum(k_size)))
+    q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype)], axis=-1)
+    k = jnp.concatenate([k, one_hots], axis=-1)
+  width = -(-q.shape[-1] // 8) * 8
+  pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))  # noqa: E731
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=1.0,
+                                     implementation=implementation)
+  return out[..., :d]
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_attention(implementation: str, dtype) -> str:
+  """"auto": cuDNN flash attention on GPUs in half precision, XLA otherwise."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}.")
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if implementation == "auto":
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if implementation == "cudnn" and not half:
+    raise ValueError("attention 'cudnn' (flash attention) needs a bfloat16 or float16 model "
+                     "(config.dtype); use 'xla' or 'auto' for float32.")
+  return implementation
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over a (B, H, W, C) grid, with relative positions."""
   num_heads: int
@@ -148,18 +203,27 @@ class Attention(nn.Module):
   input_size: Tuple[int, int] = (14, 14)  # sizes the relative-position tables
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
-  # Grids of more tokens are attended this many queries of one head at a time
-  # (see `chunked_attention`); 0 scores every query at once. Windows (196
-  # tokens) are never chunked; a 64x64 global grid is.
+  # "xla", "cudnn" (GPU, half precision) or "auto"; see `resolve_attention`.
+  implementation: str = "auto"
+  # With XLA on CPU, grids of more tokens are attended this many queries of
+  # one head at a time (see `chunked_attention`); 0 scores every query at
+  # once, as on accelerators, where the sequential chunks would only cost.
+  # Windows (196 tokens) are never chunked; a 64x64 global grid is.
   query_chunk: int = 256
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, dim = x.shape
     head_dim = dim // self.num_heads
+    implementation = resolve_attention(self.implementation, self.dtype)
     qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-    q, k, v = einops.rearrange(
-        qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=self.num_heads)
+    if implementation == "cudnn":
+      # (B, tokens, heads, d), cuDNN's layout, is a plain reshape of qkv: no transposes.
+      qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q, k, v = einops.rearrange(
+          qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=self.num_heads)
     rel_h = rel_w = None
     if self.use_rel_pos:
       init = nn.initializers.zeros
@@ -167,8 +231,13 @@ class Attention(nn.Module):
       rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, head_dim))
       rel_h, rel_w = decomposed_rel_pos_terms(
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
-    x = chunked_attention(q * head_dim**-0.5, k, v, rel_h, rel_w, (h, w), self.query_chunk)
-    x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
+    q = q * head_dim**-0.5
+    if implementation == "cudnn":
+      x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
+    else:
+      chunk = self.query_chunk if jax.default_backend() == "cpu" else 0
+      x = chunked_attention(q, k, v, rel_h, rel_w, (h, w), chunk)
+      x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
 
 
@@ -182,6 +251,7 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention: str = "auto"  # the attention's implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -193,7 +263,7 @@ class Block(nn.Module):
       x, padded_hw = window_partition(x, self.window_size)
     table_size = (self.window_size,) * 2 if self.window_size > 0 else self.input_size
     x = Attention(self.num_heads, self.use_rel_pos, table_size, self.qkv_bias,
-                  self.dtype, name="attn")(x)
+                  self.dtype, self.attention, name="attn")(x)
     if self.window_size > 0:
       x = window_unpartition(x, self.window_size, padded_hw, hw)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
@@ -233,6 +303,10 @@ class ImageEncoderViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False  # rematerialise each block in the backward pass
   dtype: jnp.dtype = jnp.float32
+  # Attention implementations ("auto", "xla", "cudnn") of the global and the
+  # windowed blocks, which differ in sequence length (4096 and 196 at 1024).
+  attention: str = "auto"
+  window_attention: str = "auto"
 
   @property
   def grid_size(self) -> Tuple[int, int]:
@@ -261,6 +335,7 @@ class ImageEncoderViT(nn.Module):
           qkv_bias=self.qkv_bias,
           drop_path=self.drop_path_rate * i / max(self.depth - 1, 1),
           dtype=self.dtype,
+          attention=self.attention if i in self.global_attn_indexes else self.window_attention,
           name=f"blocks_{i}")(x, train)
     x = nn.Conv(self.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
     x = layer_norm_2d("neck_1", self.dtype)(x)

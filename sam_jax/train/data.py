@@ -1,116 +1,264 @@
-"""SA-1B-layout folders (`NAME.jpg` + `NAME.json`) as fixed-shape training batches.
+"""SA-1B examples, from TFDS or from a local folder, as fixed-shape training batches.
 
-Everything here runs on the host in NumPy; no TensorFlow touches the devices.
-Batch `k` of a run is a pure function of (seed, k), so resuming at a step
-reproduces the same data, and each process reads only its own rows of it.
+Two sources, one pipeline. Both are TFDS datasets with the features of the
+catalog's `segment_anything` (SA-1B) in the `array_record` format, read by
+random access with `builder.as_data_source` (NumPy decoding, no TensorFlow):
+
+* `config.data.tfds_name = "segment_anything"`: SA-1B as TFDS prepares it
+  (`tfds build segment_anything --file_format=array_record`), under
+  `config.data.tfds_data_dir`, split `config.data.train_split` (slicing works:
+  `"train[:-1000]"`). Any dataset with the same features works too.
+* `config.data.train_dir`, `eval_dir`: folders in SA-1B's layout (`NAME.jpg` +
+  `NAME.json`), prepared once into TFDS by `sa1b_folder.Sa1bFolder` (under
+  `tfds_data_dir`, else WORKDIR/tfds) and read the same way.
+
+Everything here runs on the host in NumPy. Images are decoded with PIL,
+resized to fit the model's (H, W) input (the longest side, for a square one)
+as `ResizeLongestSide` resizes them at inference, and padded with the pixel
+mean; masks are decoded with pycocotools. Batch `k` of a run is a pure
+function of (seed, k), so resuming at a data position reproduces the same
+data, and each process reads only its own rows of it. A corrupt example is
+logged, counted and replaced by one without masks; it never ends a run.
 """
 
 import concurrent.futures
-import json
+import functools
+import io
 import logging
 import os
 import queue
+import tempfile
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import cv2
+import jax
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam_jax.transforms import ResizeLongestSide
+
 Example = Dict[str, np.ndarray]
+Size = Union[int, Tuple[int, int]]
 
 
-def list_examples(directory: str) -> List[str]:
-  """Sorted names that have both a `.jpg` and a `.json` in `directory`."""
-  files = set(os.listdir(directory))
-  names = sorted(f[:-5] for f in files if f.endswith(".json") and f[:-5] + ".jpg" in files)
-  if not names:
-    raise FileNotFoundError(f"No NAME.jpg + NAME.json pairs (SA-1B layout) in {directory}.")
-  return names
+def _hw(size: Size) -> Tuple[int, int]:
+  return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def resized_hw(h: int, w: int, longest: int):
-  """The size with the longest side `longest`, as the reference's ResizeLongestSide."""
-  scale = longest / max(h, w)
-  return int(h * scale + 0.5), int(w * scale + 0.5)
+def _image_decoders():
+  """Keeps the image bytes: PIL decodes them (any mode to RGB) when the example is built."""
+  import tensorflow_datasets as tfds
+  return {"image": {"content": tfds.decode.SkipDecoding()}}
 
 
-class Sa1bFolder:
-  """Reads examples of an SA-1B-layout folder into padded, fixed-shape arrays.
+def _check_features(features, what: str) -> None:
+  try:
+    features["image"]["content"]
+    features["annotations"]["segmentation"]["counts"]
+    features["annotations"]["area"]
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+        f"{what} does not have the features of TFDS's `segment_anything` (image/content, "
+        f"annotations/segmentation/counts and size, annotations/area); missing {e}.") from e
 
-  Each example: `image` (S, S, 3) float32 RGB, resized so its longest side is
-  S and padded with the pixel mean (which the model normalises to zero, as its
-  own zero padding); `masks` (max_masks, m, m) uint8 at `mask_size` (the
-  decoder's low-res grid for training, S for evaluation); `valid` (max_masks,).
-  Masks covering more than `max_mask_fraction` of the image are dropped; up to
-  `max_masks` of the rest are drawn at random (seeded by the example's draw).
+
+def tfds_records(name: str, split: str = "train", data_dir: Optional[str] = None):
+  """Random access to a prepared TFDS dataset: (source, {name: reason} skipped at preparation)."""
+  import tensorflow_datasets as tfds
+  from sam_jax.train import sa1b_folder
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"The TFDS dataset {name!r} is not prepared under {builder.data_dir}. For SA-1B, "
+        "prepare it once in the array_record format: `tfds build segment_anything "
+        "--manual_dir=DIR_WITH_segment_anything_links.txt --file_format=array_record "
+        "--data_dir=DATA_DIR` (see TFDS's segment_anything page), then set "
+        "config.data.tfds_data_dir=DATA_DIR.")
+  formats = [str(f.value) for f in builder.info.available_file_formats()]
+  if "array_record" not in formats:
+    raise ValueError(
+        f"The TFDS dataset {name!r} under {builder.data_dir} is stored as {formats}; random "
+        "access (what makes the order seeded, the per-host sharding exact and resuming "
+        "possible) needs array_record. Prepare it again with --file_format=array_record.")
+  _check_features(builder.info.features, f"The TFDS dataset {name!r}")
+  source = builder.as_data_source(split, file_format="array_record",
+                                  decoders=_image_decoders())
+  return source, sa1b_folder.skipped(builder)
+
+
+def folder_records(directory: str, data_dir: str):
+  """A folder in SA-1B's layout through its TFDS builder: (source, skipped at preparation).
+
+  With several processes, process 0 prepares the folder first; a process that
+  then does not see the prepared copy (`data_dir` not shared) prepares its own.
+  """
+  from sam_jax.train import sa1b_folder
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      sa1b_folder.prepare_folder(directory, data_dir)
+    multihost_utils.sync_global_devices(f"sam_jax prepared {os.path.abspath(directory)}")
+  builder = sa1b_folder.prepare_folder(directory, data_dir)
+  source = builder.as_data_source("train", decoders=_image_decoders())
+  return source, sa1b_folder.skipped(builder)
+
+
+class Sa1bExamples:
+  """Random-access SA-1B records as padded, fixed-shape arrays.
+
+  Each example: `image` (H, W, 3) float32 RGB, resized to fit (H, W) =
+  `image_size` and padded with the pixel mean (which the model normalises to
+  zero, as its own zero padding); `masks` (max_masks, h, w) uint8 at
+  `mask_size` (the decoder's low-res grid for training, the image size for
+  evaluation), on the same scale as the image; `valid` (max_masks,). Masks
+  covering more than `max_mask_fraction` of the image are dropped (as in the
+  SAM paper); up to `max_masks` of the rest are drawn at random with the
+  given rng, and a mask that vanishes on the mask grid gives its slot to the next.
+
+  `num_skipped` counts the corrupt examples met so far, plus those left out
+  when a folder was prepared (`skipped_at_prepare`, {name: reason}).
   """
 
-  def __init__(self, directory: str, image_size: int, mask_size: int, max_masks: int,
+  def __init__(self, records, image_size: Size, mask_size: Size, max_masks: int,
                max_mask_fraction: float = 0.9,
-               pixel_mean: Sequence[float] = (123.675, 116.28, 103.53)):
-    self.directory = directory
-    self.names = list_examples(directory)
-    self.image_size, self.mask_size, self.max_masks = image_size, mask_size, max_masks
-    self.max_mask_fraction = max_mask_fraction
+               pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+               skipped_at_prepare: Optional[Dict[str, str]] = None, description: str = ""):
+    self.records = records
+    self.image_hw, self.mask_hw = _hw(image_size), _hw(mask_size)
+    ratios = (self.mask_hw[0] / self.image_hw[0], self.mask_hw[1] / self.image_hw[1])
+    if abs(ratios[0] - ratios[1]) > 1e-9:
+      raise ValueError(f"mask size {self.mask_hw} is not image size {self.image_hw} scaled")
+    self.mask_scale = ratios[0]
+    self.max_masks, self.max_mask_fraction = max_masks, max_mask_fraction
     self.pixel_mean = np.asarray(pixel_mean, np.float32)
-    self.num_skipped = 0  # corrupt examples replaced by empty ones, so far
+    self.skipped_at_prepare = dict(skipped_at_prepare or {})
+    self.description = description or repr(records)
+    self.num_skipped_at_read = 0
     self._lock = threading.Lock()
+    if self.skipped_at_prepare:
+      logging.warning("%d corrupt examples of %s were left out when it was prepared: %s",
+                      len(self.skipped_at_prepare), self.description,
+                      ", ".join(sorted(self.skipped_at_prepare)[:20]))
+
+  @property
+  def num_skipped(self) -> int:
+    """Corrupt examples so far: met while reading, and left out at preparation."""
+    return self.num_skipped_at_read + len(self.skipped_at_prepare)
 
   def __len__(self) -> int:
-    return len(self.names)
+    return len(self.records)
 
   def empty(self) -> Example:
-    s, m = self.image_size, self.mask_size
-    return dict(image=np.broadcast_to(self.pixel_mean, (s, s, 3)).copy(),
-                masks=np.zeros((self.max_masks, m, m), np.uint8),
+    (h, w), (mh, mw) = self.image_hw, self.mask_hw
+    return dict(image=np.broadcast_to(self.pixel_mean, (h, w, 3)).copy(),
+                masks=np.zeros((self.max_masks, mh, mw), np.uint8),
                 valid=np.zeros((self.max_masks,), bool))
 
   def load(self, index: int, rng: np.random.Generator) -> Example:
     """Example `index`; a corrupt one is logged, counted and returned empty (no valid masks)."""
-    name = self.names[index]
     try:
-      return self._load(name, rng)
+      return self.example(self.records[int(index)], rng)
     except Exception as e:  # noqa: BLE001 - one bad file must never end a long run
       with self._lock:
-        self.num_skipped += 1
-      logging.warning("Skipping corrupt example %s: %s", name, e)
+        self.num_skipped_at_read += 1
+      logging.warning("Skipping corrupt example %d of %s: %s: %s", index, self.description,
+                      type(e).__name__, e)
       return self.empty()
 
-  def _load(self, name: str, rng: np.random.Generator) -> Example:
-    with open(os.path.join(self.directory, name + ".json")) as f:
-      record = json.load(f)
-    with Image.open(os.path.join(self.directory, name + ".jpg")) as im:
-      image = np.asarray(im.convert("RGB"))
-    h0, w0 = image.shape[:2]
-    h1, w1 = resized_hw(h0, w0, self.image_size)
+  def example(self, record: Dict[str, Any], rng: np.random.Generator) -> Example:
+    """The arrays of one record in `segment_anything`'s features (image bytes undecoded)."""
+    with Image.open(io.BytesIO(record["image"]["content"])) as im:
+      im = im.convert("RGB")
+      w0, h0 = im.size
+      h1, w1 = ResizeLongestSide.get_preprocess_shape(h0, w0, self.image_hw)
+      resized = np.asarray(im.resize((w1, h1), Image.BILINEAR) if (h1, w1) != (h0, w0) else im)
     out = self.empty()
-    out["image"][:h1, :w1] = cv2.resize(image, (w1, h1), interpolation=cv2.INTER_LINEAR)
+    out["image"][:h1, :w1] = resized
 
-    anns = [a for a in record["annotations"]
-            if a.get("area", 1) <= self.max_mask_fraction * h0 * w0]
-    chosen = rng.permutation(len(anns))[:self.max_masks]
-    scale = self.mask_size / self.image_size
-    hm, wm = max(int(h1 * scale + 0.5), 1), max(int(w1 * scale + 0.5), 1)
-    for slot, i in enumerate(chosen):
-      seg = anns[i]["segmentation"]
-      if isinstance(seg.get("counts"), list):  # uncompressed RLE
-        seg = mask_utils.frPyObjects(seg, *seg["size"])
-      m = mask_utils.decode(seg)
-      if m.shape != (h0, w0):
-        raise ValueError(f"mask of {m.shape} on an image of {(h0, w0)}")
-      if m.mean() > self.max_mask_fraction:  # `area` may be absent or stale
+    anns = record["annotations"]
+    counts, sizes = anns["segmentation"]["counts"], anns["segmentation"]["size"]
+    areas = np.asarray(anns["area"], np.float64).reshape(-1)
+    keep = np.flatnonzero(areas <= self.max_mask_fraction * h0 * w0)
+    hm = max(int(h1 * self.mask_scale + 0.5), 1)
+    wm = max(int(w1 * self.mask_scale + 0.5), 1)
+    slot = 0
+    for i in keep[rng.permutation(len(keep))]:
+      if slot == self.max_masks:
+        break
+      size = [int(s) for s in np.asarray(sizes[i]).reshape(-1)]
+      if tuple(size) != (h0, w0):
+        raise ValueError(f"mask of {tuple(size)} on an image of {(h0, w0)}")
+      rle = dict(size=size, counts=counts[i])
+      if mask_utils.area(rle) > self.max_mask_fraction * h0 * w0:  # `area` may be stale
         continue
-      # Area interpolation then a 0.5 threshold: a cell is in the mask when mostly covered.
-      small = cv2.resize(m.astype(np.float32), (wm, hm), interpolation=cv2.INTER_AREA)
-      out["masks"][slot, :hm, :wm] = small >= 0.5
-      out["valid"][slot] = out["masks"][slot].any()
+      # Area interpolation then a 0.5 threshold: a cell is in the mask when mostly covered
+      # (on 0/255 bytes, where OpenCV's area resize is several times faster than on floats).
+      m = mask_utils.decode(rle) * np.uint8(255)
+      small = cv2.resize(m, (wm, hm), interpolation=cv2.INTER_AREA) >= 128
+      if not small.any():
+        continue
+      out["masks"][slot, :hm, :wm] = small
+      out["valid"][slot] = True
+      slot += 1
     return out
 
 
+def open_examples(dcfg, split: str, folder: Optional[str], workdir: str, image_size: Size,
+                  mask_size: Size, max_masks: int,
+                  pixel_mean: Sequence[float]) -> Optional[Sa1bExamples]:
+  """The `train` or `eval` examples that `config.data` names; None for no eval data.
+
+  A folder (`train_dir`/`eval_dir`, or the demo's generated one, passed as
+  `folder`) wins for its split; otherwise `tfds_name` with `train_split` or
+  `eval_split`. Folders are prepared under `tfds_data_dir`, else WORKDIR/tfds.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split is 'train' or 'eval', not {split!r}")
+  name, data_dir = dcfg.get("tfds_name"), dcfg.get("tfds_data_dir") or None
+  tfds_split = dcfg.get(f"{split}_split", "train" if split == "train" else "")
+  if folder and name and split == "train":
+    raise ValueError(f"config.data names both a folder ({folder}) and the TFDS dataset "
+                     f"{name!r} to train on; set only one of train_dir and tfds_name.")
+  if folder:
+    records, skipped = folder_records(folder, data_dir or os.path.join(workdir, "tfds"))
+    what = folder
+  elif name and tfds_split:
+    records, skipped = tfds_records(name, tfds_split, data_dir)
+    what = f"{name}/{tfds_split}"
+  elif split == "eval":
+    return None
+  else:
+    raise ValueError("No training data: set config.data.train_dir (a folder in SA-1B's "
+                     "layout) or config.data.tfds_name (e.g. 'segment_anything').")
+  return Sa1bExamples(records, image_size, mask_size, max_masks,
+                      dcfg.get("max_mask_fraction", 0.9), pixel_mean, skipped, what)
+
+
+class Sa1bFolder(Sa1bExamples):
+  """The examples of one SA-1B-layout folder, prepared into TFDS under `data_dir`.
+
+  Without `data_dir`, the prepared copy goes to a shared temporary folder
+  (keyed by the folder's path and contents, so it is reused while they stay).
+  """
+
+  def __init__(self, directory: str, image_size: Size, mask_size: Size, max_masks: int,
+               max_mask_fraction: float = 0.9,
+               pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+               data_dir: Optional[str] = None):
+    data_dir = data_dir or os.path.join(tempfile.gettempdir(), "sam_jax_tfds")
+    records, skipped = folder_records(directory, data_dir)
+    super().__init__(records, image_size, mask_size, max_masks, max_mask_fraction,
+                     pixel_mean, skipped, directory)
+
+
+@functools.lru_cache(maxsize=4)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+  """The seeded permutation of one epoch (cached: a batch reads one or two epochs)."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.flags.writeable = False
+  return order
 
 
 def batch_indices(num_examples: int, global_batch: int, seed: int, step: int,
@@ -120,10 +268,10 @@ def batch_indices(num_examples: int, global_batch: int, seed: int, step: int,
   epochs, pos = flat // num_examples, flat % num_examples
   if not shuffle:
     return pos
-  return np.array([epoch_order(num_examples, seed, e)[p] for e, p in zip(epochs, pos)])
+  return np.array([epoch_order(num_examples, seed, int(e))[p] for e, p in zip(epochs, pos)])
 
 
-def load_batch(source: Sa1bFolder, indices: np.ndarray, seed: int, first_row: int,
+def load_batch(source: Sa1bExamples, indices: np.ndarray, seed: int, first_row: int,
                pool: Optional[concurrent.futures.Executor] = None) -> Example:
   """Stacks the examples `indices`, rows first_row, first_row + 1, ... of the run.
 
@@ -136,46 +284,59 @@ def load_batch(source: Sa1bFolder, indices: np.ndarray, seed: int, first_row: in
   return {k: np.stack([x[k] for x in items]) for k in items[0]}
 
 
-def train_batches(source: Sa1bFolder, global_batch: int, seed: int, start_step: int,
+def host_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+  """This process's contiguous rows of every global batch."""
+  if global_batch % process_count:
+    raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+  local = global_batch // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def train_batches(source: Sa1bExamples, global_batch: int, seed: int, start_step: int,
                   process_index: int = 0, process_count: int = 1,
                   prefetch: int = 2, num_threads: int = 4) -> Iterator[Example]:
   """Yields this process's rows of global batches start_step, start_step + 1, ...
 
-  A background thread reads ahead `prefetch` batches. Each process reads only
-  its contiguous `global_batch / process_count` rows of every batch.
+  `start_step` is the data position (a checkpoint's `data_step`). A background
+  thread reads ahead `prefetch` batches. Each process reads only its
+  contiguous `global_batch / process_count` rows of every batch.
   """
-  if global_batch % process_count:
-    raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
-  local = global_batch // process_count
+  rows = host_rows(global_batch, process_index, process_count)
   q: "queue.Queue" = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
 
+  def put(item):
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def produce():
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-      step = start_step
-      while not stop.is_set():
-        idx = batch_indices(len(source), global_batch, seed, step)
-        rows = idx[process_index * local:(process_index + 1) * local]
-        first_row = step * global_batch + process_index * local
-        batch = load_batch(source, rows, seed, first_row, pool)
+    try:
+      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        step = start_step
         while not stop.is_set():
-          try:
-            q.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        step += 1
+          idx = batch_indices(len(source), global_batch, seed, step)[rows]
+          put(load_batch(source, idx, seed, step * global_batch + rows.start, pool))
+          step += 1
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, never a silent hang
+      put(e)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()
   try:
     while True:
-      yield q.get()
+      item = q.get()
+      if isinstance(item, BaseException):
+        raise item
+      yield item
   finally:
     stop.set()
 
 
-def eval_examples(source: Sa1bFolder, num: int, seed: int = 0) -> Example:
-  """The first `num` examples in file order, as one stacked batch (masks drawn with `seed`)."""
+def eval_examples(source: Sa1bExamples, num: int, seed: int = 0) -> Example:
+  """The first `num` examples in the source's order, one stacked batch (masks drawn with `seed`)."""
   idx = np.arange(min(num, len(source)))
   return load_batch(source, idx, seed, 0)

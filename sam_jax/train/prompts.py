@@ -48,12 +48,16 @@ def box_from_mask(mask: jax.Array, stride: float) -> jax.Array:
 
 
 def jitter_box(key: jax.Array, box: jax.Array, noise_frac: float, noise_max: float,
-               image_size: float) -> jax.Array:
-  """Adds to each corner Gaussian noise of std `noise_frac` x the side, at most `noise_max` px."""
+               image_size) -> jax.Array:
+  """Adds to each corner Gaussian noise of std `noise_frac` x the side, at most `noise_max` px.
+
+  Corners stay inside the image: `image_size` is a side or (height, width).
+  """
   side = jnp.stack([box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]], -1)
   std = jnp.minimum(noise_frac * jnp.concatenate([side, side], -1), noise_max)
   noisy = box + std * jax.random.normal(key, box.shape)
-  noisy = jnp.clip(noisy, 0.0, image_size)
+  h, w = (image_size, image_size) if jnp.ndim(image_size) == 0 else image_size
+  noisy = jnp.clip(noisy, 0.0, jnp.array([w, h, w, h], jnp.float32))
   # Keep the corners ordered so that top-left stays the top-left corner.
   lo = jnp.minimum(noisy[..., :2], noisy[..., 2:])
   hi = jnp.maximum(noisy[..., :2], noisy[..., 2:])

@@ -31,7 +31,12 @@ def embed(model: Sam, params, batch, key, train: bool, freeze: str) -> jax.Array
   return jax.lax.stop_gradient(emb) if freeze in FROZEN_ENCODER else emb
 
 
-def first_prompt(key, gt, cfg, stride: float, image_size: int, num_slots: int):
+def most_confident(iou_pred: jax.Array) -> jax.Array:
+  """One-hot (..., M) of the output with the highest predicted IoU."""
+  return jax.nn.one_hot(jnp.argmax(iou_pred, -1), iou_pred.shape[-1], dtype=bool)
+
+
+def first_prompt(key, gt, cfg, stride: float, image_size: Tuple[int, int], num_slots: int):
   """Round 0's sparse prompt per mask: a uniform point or a jittered box, equal odds.
 
   Returns coords (B, N, T, 2), labels (B, N, T) with T = num_slots, and is_box (B, N).
@@ -62,8 +67,8 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   pcfg, lcfg = config.prompts, config.loss
   gt = batch["masks"].astype(bool)
   valid = batch["valid"] & gt.any(axis=(-2, -1))
-  image_size = model.image_size[1]
-  stride = image_size / gt.shape[-1]
+  image_size = tuple(model.image_size)  # (H, W)
+  stride = image_size[1] / gt.shape[-1]  # the low-res grid is 4x the tokens on both axes
   rounds = pcfg.num_rounds
   k_embed, k_first, k_plan, k_rounds = jax.random.split(key, 4)
   emb = embed(model, params, batch, k_embed, train, config.freeze)
@@ -83,9 +88,13 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   pick = lambda m, s: jnp.where(is_box, s[..., 0], (m * best).sum(-1))  # noqa: E731
   mask_loss, focal, dice = (pick(m, s) for m, s in zip(m_parts[:3], s_parts[:3]))
   iou_mse = jnp.where(is_box, s_parts[3][..., 0], m_parts[3].mean(-1))
-  true_iou = pick(m_parts[4], s_parts[4])
+  # Only the loss uses the lowest-loss output (it needs the ground truth). As in
+  # the paper (appendix A), the output with the highest *predicted* IoU is the
+  # prediction: it is passed to the next round, and its true IoU is reported.
+  chosen = most_confident(multi_iou).astype(multi.dtype)
+  true_iou = jnp.where(is_box, s_parts[4][..., 0], (m_parts[4] * chosen).sum(-1))
   prev = jnp.where(is_box[..., None, None], single[:, :, 0],
-                   (multi * best[..., None, None]).sum(2))
+                   (multi * chosen[..., None, None]).sum(2))
   first = (mask_loss, focal, dice, iou_mse, true_iou)
 
   # Rounds 1 .. R-1: a click from the previous error region (or none), with the

@@ -19,11 +19,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import demo_data, optim, recipe
+from sam_jax.train import demo_data, embedding_cache, flops, optim, recipe
 from sam_jax.train import sharding as shard_lib
 
 State = Dict[str, Any]
@@ -87,8 +88,10 @@ class Trainer:
 
   def loss_and_grads(self, params, batch, key):
     fn = functools.partial(recipe.simulate, model=self.model, config=self.config, train=True)
+    # FSDP: the model computes with gathered weights (see sharding.gather_fsdp).
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: fn(p, batch=batch, key=key), has_aux=True)(params)
+        lambda p: fn(shard_lib.gather_fsdp(p, self.mesh), batch=batch, key=key),
+        has_aux=True)(params)
     return loss, metrics, grads
 
   def _train_step(self, state: State, batch) -> tuple:
@@ -140,8 +143,25 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).tolist(), tree)
 
 
+def _sync(name: str) -> None:
+  """With several processes: waits until every one has reached this point."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _gathered(params):
+  """The full parameters on every process (host copies when they span several processes)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(params, tiled=True)  # a collective: all call it
+  return params
+
+
 def _prepare_data(config, workdir: str):
-  """The train/eval folders; the demo's generated dataset is written first if asked."""
+  """The train/eval folders; the demo's generated dataset is written first if asked.
+
+  Process 0 writes it (into a workdir that every process shares); the others
+  wait for it to be complete.
+  """
   dcfg = config.data
   train_dir, eval_dir = dcfg.train_dir, dcfg.get("eval_dir")
   if dcfg.get("generate"):
@@ -152,6 +172,7 @@ def _prepare_data(config, workdir: str):
       demo_data.write_dataset(train_dir, g.num_train, g.size, g.max_shapes, seed=g.seed)
       demo_data.write_dataset(eval_dir, g.num_eval, g.size, g.max_shapes, seed=g.seed + 1,
                               prefix="sa_eval_")
+    _sync("sam_jax demo data written")
   return train_dir, eval_dir
 
 
@@ -169,15 +190,18 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config)
   mcfg = trainer.mcfg
-  image_size = image_size_hw(mcfg)[1]
-  low_res = recipe.low_res_size(trainer.model)[1]
+  if config.get("cache_embeddings"):
+    embedding_cache.check_config(config, mcfg)  # before any work: refuses freeze='full'
+  image_hw = image_size_hw(mcfg)
+  low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
-  train_src = data_lib.Sa1bFolder(train_dir, image_size, low_res, config.data.max_masks,
-                                  config.data.max_mask_fraction, mcfg.pixel_mean)
+  train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
+                                     config.data.max_masks, mcfg.pixel_mean)
   eval_src = None
-  if eval_dir and config.eval.num_images:
-    eval_src = data_lib.Sa1bFolder(eval_dir, image_size, image_size, config.eval.max_masks,
-                                   config.data.max_mask_fraction, mcfg.pixel_mean)
+  if config.eval.num_images:
+    eval_src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, image_hw, image_hw,
+                                      config.eval.max_masks, mcfg.pixel_mean)
+  if eval_src is not None:
     eval_examples = data_lib.eval_examples(eval_src, config.eval.num_images)
     eval_examples = dict(images=eval_examples["image"], masks=eval_examples["masks"],
                          valid=eval_examples["valid"])
@@ -200,12 +224,18 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
     if eval_src is not None and config.eval.get("before_training", True):
       res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
       summary["untrained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-      np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
+      if jax.process_index() == 0:
+        np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
       print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
             f"box mIoU {res['miou_box']:.3f}", flush=True)
     state = trainer.init_state(params)
     del params
 
+  if config.get("cache_embeddings"):
+    cache = embedding_cache.open_or_build(
+        config.get("embedding_cache_dir") or os.path.join(workdir, "embeddings"), train_src,
+        trainer.model, state["params"], mcfg, trainer.mesh, config.batch_size, config.seed)
+    train_src = embedding_cache.CachedSource(train_src, cache)  # batches carry `embeddings`
   total = stop_at if stop_at is not None else config.total_steps
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
                                    jax.process_index(), jax.process_count())
@@ -213,11 +243,23 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
   step = start
+  peak = flops.peak_flops(jax.devices()[0].device_kind, mcfg.dtype, config.get("peak_flops"))
+  step_flops = None
+  writer = None
+  if config.get("tensorboard") and jax.process_index() == 0:
+    from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
+    writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
   try:
     for step in range(start + 1, total + 1):
       batch = next(batches)
-      state, metrics = trainer.train_step(state, dict(
-          images=batch["image"], masks=batch["masks"], valid=batch["valid"]))
+      inputs = dict(masks=batch["masks"], valid=batch["valid"])
+      if "embeddings" in batch:
+        inputs["embeddings"] = batch["embeddings"]
+      else:
+        inputs["images"] = batch["image"]
+      if step_flops is None:
+        step_flops = _count_step_flops(trainer, inputs, peak)
+      state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
       should_save = step % config.checkpoint_every == 0 or step == total
@@ -228,11 +270,15 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
           losses[s] = m["loss"]
         dt = time.time() - t0
         record = dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
-                      skipped_examples=train_src.num_skipped)
+                      skipped_examples=train_src.num_skipped,
+                      **flops.utilization(step_flops * images_seen / config.batch_size, dt,
+                                          peak, jax.device_count()))
         t0, images_seen = time.time(), 0
         if jax.process_index() == 0:
           with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if writer is not None:
+          writer.write(step, record)
         print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
               f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
               f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
@@ -242,14 +288,17 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   finally:
     batches.close()  # stops the prefetching thread
     mgr.wait_until_finished()
+    if writer is not None:
+      writer.close()
   summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
 
   if step >= config.total_steps:
-    params = state["params"]
+    params = _gathered(state["params"])
     if eval_src is not None:
       res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
       summary["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-      _write_picture(workdir, eval_examples, res["masks_1point"])
+      if jax.process_index() == 0:
+        _write_picture(workdir, eval_examples, res["masks_1point"])
       u = summary.get("untrained", {})
       print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
             f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
@@ -265,6 +314,25 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
       json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
   summary["state"] = state
   return summary
+
+
+def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
+  """Model FLOPs of one step on the global batch (see `flops`); 0 if they cannot be counted."""
+  n = jax.process_count()
+  global_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype)
+                  for k, v in inputs.items()}
+  try:
+    count = flops.train_step_flops(trainer.mcfg, trainer.config, trainer.abstract_params,
+                                   global_batch)
+  except Exception as e:  # noqa: BLE001 - a metric must never stop the run
+    logging.warning("Could not count the model FLOPs of a step (no MFU): %s", e)
+    return 0.0
+  kind = jax.devices()[0].device_kind
+  print(f"Model FLOPs per step: {count / 1e12:.4g} TFLOP; " + (
+      f"peak {peak / 1e12:g} TFLOP/s per device ({kind}, {trainer.mcfg.dtype})" if peak else
+      f"no peak FLOP/s known for {kind!r} in {trainer.mcfg.dtype}, so no MFU "
+      "(set config.peak_flops)"), flush=True)
+  return count
 
 
 def _check_finite(pending, mgr):
@@ -313,18 +381,19 @@ def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dic
     raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
   model, params = load_sam(ckpt)
   _, eval_dir = _prepare_data(config, workdir)
-  if not eval_dir:
-    raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout) to evaluate on.")
-  size = image_size_hw(load_config(ckpt))[1]
-  src = data_lib.Sa1bFolder(eval_dir, size, size, config.eval.max_masks,
-                            config.data.max_mask_fraction, load_config(ckpt).pixel_mean)
+  size = image_size_hw(load_config(ckpt))
+  src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, size, size,
+                               config.eval.max_masks, load_config(ckpt).pixel_mean)
+  if src is None:
+    raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout), or tfds_name and "
+                     "eval_split, to evaluate on.")
   ex = data_lib.eval_examples(src, config.eval.num_images or len(src))
   from sam_jax.train import evaluate
   res = evaluate.evaluate(model, params, dict(images=ex["image"], masks=ex["masks"],
                                               valid=ex["valid"]), config.eval.num_clicks)
   res = {k: v for k, v in res.items() if k != "masks_1point"}
   clicks = ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["miou_clicks"]))
-  print(f"{ckpt} on {res['num_masks']} masks of {eval_dir}: 1-point mIoU "
+  print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
         f"{res['miou_1point']:.3f}, box mIoU {res['miou_box']:.3f}, after k clicks {clicks}",
         flush=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:

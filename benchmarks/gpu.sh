@@ -1,0 +1,41 @@
+#!/bin/bash
+# The GPU benchmark session: the rows of BENCHMARKS.md's GPU tables, each in
+# its own process with a time limit, skipping what would start after DEADLINE
+# seconds. Float32 matmuls run as TF32 on both sides (--precision tf32).
+# Results: OUTDIR/STEP.json and OUTDIR/gpu.log.
+#
+#   bash benchmarks/gpu.sh OUTDIR [DEADLINE_S [STEP ...]]   # default: every step, in order
+set -u
+out=${1:?usage: gpu.sh OUTDIR [DEADLINE_S [STEP ...]]}
+deadline=${2:-900}
+shift $(($# < 2 ? $# : 2))
+only=" $* "
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+start=$SECONDS
+
+step() {  # step NAME LIMIT_S ARGS...: one benchmark process, unless past the deadline
+  local name=$1 limit=$2; shift 2
+  [[ "$only" == "  " || "$only" == *" $name "* ]] || return 0
+  local left=$((deadline - (SECONDS - start)))
+  if ((left < 30)); then echo "## $name: skipped, ${left}s left"; return; fi
+  ((limit > left)) && limit=$left
+  echo "## $name (limit ${limit}s, at $((SECONDS - start))s)"
+  timeout -k 5 "$limit" python3 -m benchmarks.run --keep-going --precision tf32 \
+    --out "$out/$name.json" "$@"
+  echo "## $name: exit $? after $((SECONDS - start))s"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  step enc_vit_h_bf16 90 --only encoder --variants vit_h --dtype bfloat16 --batch 1,8 --repeats 10
+  step train_vit_h_bf16 150 --only train --variants vit_h --dtype bfloat16 --train-batch 4 --repeats 3
+  step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --repeats 3
+  step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
+  step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5
+  step attn_vit_h_bf16 90 --only attention --variants vit_h --dtype bfloat16 --batch 8
+  step dec_vit_h 120 --only decoder,predict --variants vit_h --repeats 5
+  step enc_vit_h_bf16_xla 80 --only encoder --variants vit_h --dtype bfloat16 --batch 8 --attention xla --repeats 10
+  step enc_vit_b_fp32 50 --only encoder --variants vit_b --batch 1 --repeats 10
+  echo "## done after $((SECONDS - start))s"
+} 2>&1 | tee "$out/gpu.log"

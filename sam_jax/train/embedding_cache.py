@@ -1,0 +1,261 @@
+"""Image embeddings computed once, for training with a frozen image encoder.
+
+With `config.freeze` 'frozen_image_encoder' or 'decoder_only' the encoder's
+parameters never change, so an image's embedding is the same at every step.
+`config.cache_embeddings = True` computes the embedding of every training
+example once (jitted, a global batch at a time, sharded as the training batch)
+into `.npy` files under WORKDIR/embeddings (or `config.embedding_cache_dir`),
+then each step reads its examples' rows and runs only the prompt encoder and
+the decoder (`recipe.embed` takes `batch["embeddings"]`).
+
+Rows are keyed by the example index that the data pipeline passes to
+`source.load(index, rng)`. `meta.json` records a fingerprint of everything an
+embedding depends on: the encoder's config, image size and normalisation, an
+exact digest of the encoder's parameters, the number of examples and the input
+images of a few of them. A cache whose fingerprint differs (another checkpoint,
+other data) is deleted and computed again, never used. Layout: process p of P
+writes `part-p-of-P.npy`, holding rows p*L .. (p+1)*L - 1 (L = batch / P) of
+each global batch of examples 0, 1, 2, ...; every process reads all parts, so a
+multi-process run needs the directory on a file system that all its hosts share.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.modeling.sam import Sam
+from sam_jax.train import data as data_lib
+from sam_jax.train import recipe
+from sam_jax.train import sharding as shard_lib
+
+FORMAT_VERSION = 1
+META = "meta.json"
+
+
+def check_config(config, mcfg) -> None:
+  """Refuses a cache that could not reproduce the uncached training."""
+  if config.freeze not in recipe.FROZEN_ENCODER:
+    raise ValueError(
+        f"config.cache_embeddings needs a frozen image encoder (config.freeze in "
+        f"{recipe.FROZEN_ENCODER}); with freeze={config.freeze!r} the encoder trains and its "
+        "embeddings change at every step. Set config.cache_embeddings=False.")
+  if mcfg.image_encoder.get("drop_path_rate", 0.0) > 0:
+    raise ValueError(
+        f"config.cache_embeddings: the encoder's drop_path_rate is "
+        f"{mcfg.image_encoder.drop_path_rate}, so an image's embedding differs at every step "
+        "and cannot be cached. Set it to 0 (config.model.image_encoder.drop_path_rate, or "
+        "config.model_overrides for a checkpoint) or turn the cache off.")
+
+
+@jax.jit
+def _digests(tree):
+  """Two 32-bit sums per leaf of its bits, each mixed with the element's position.
+
+  Integer sums wrap and are associative, so the digest is exact and the same
+  however the parameters are sharded.
+  """
+  def leaf(x):
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).ravel()
+    i = jnp.arange(bits.size, dtype=jnp.uint32)
+    out = []
+    for k1, k2 in ((0x9E3779B1, 0x85EBCA77), (0xC2B2AE3D, 0x27D4EB2F)):
+      h = (bits ^ (i * jnp.uint32(k1))) * jnp.uint32(k2)
+      out.append(jnp.sum(h ^ (h >> 15), dtype=jnp.uint32))
+    return jnp.stack(out)
+  return jax.tree.map(leaf, tree)
+
+
+def params_digest(params) -> str:
+  digests = jax.tree_util.tree_flatten_with_path(_digests(params))[0]
+  h = hashlib.sha256()
+  for (path, d), x in zip(digests, jax.tree.leaves(params)):
+    h.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}{x.dtype}".encode())
+    h.update(np.asarray(d.addressable_data(0)).tobytes())
+  return h.hexdigest()
+
+
+def data_digest(source, num_samples: int = 8) -> str:
+  """The number of examples and the input images of a few, evenly spaced (the images,
+  resized and padded, are what the encoder sees; their masks play no part)."""
+  h = hashlib.sha256(f"{len(source)}".encode())
+  for i in np.unique(np.linspace(0, len(source) - 1, num_samples).astype(int)):
+    h.update(np.ascontiguousarray(source.load(int(i), np.random.default_rng(0))["image"]))
+  return h.hexdigest()
+
+
+def fingerprint(mcfg, encoder_params, source) -> str:
+  """What the embeddings depend on: encoder config and parameters, and the examples."""
+  enc = {k: v for k, v in mcfg.image_encoder.to_dict().items() if k != "remat"}
+  desc = dict(version=FORMAT_VERSION, image_encoder=enc, image_size=mcfg.image_size,
+              dtype=mcfg.dtype, pixel_mean=list(mcfg.pixel_mean),
+              pixel_std=list(mcfg.pixel_std), params=params_digest(encoder_params),
+              data=data_digest(source))
+  return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _part_name(p: int, count: int) -> str:
+  return f"part-{p:05d}-of-{count:05d}.npy"
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+  """`.npy` knows no bfloat16: such arrays are stored as their bits."""
+  return dtype if dtype.kind in "fiu" and dtype.isbuiltin else np.dtype(f"u{dtype.itemsize}")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order (as `put_batch` placed them)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  rows = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    rows.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([rows[k] for k in sorted(rows)])
+
+
+class EmbeddingCache:
+  """Read-only view of a complete cache: `cache[index]` is one example's embedding."""
+
+  def __init__(self, directory: str, meta: Dict[str, Any]):
+    self.directory, self.meta = directory, meta
+    self.dtype = np.dtype(jnp.dtype(meta["dtype"]))
+    count = meta["process_count"]
+    self._parts = [np.load(os.path.join(directory, _part_name(p, count)), mmap_mode="r")
+                   for p in range(count)]
+    self._local = meta["global_batch"] // count
+
+  def __len__(self) -> int:
+    return self.meta["num_examples"]
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < len(self):
+      raise IndexError(f"example {index} is not in the cache of {len(self)} examples")
+    k, pos = divmod(int(index), self.meta["global_batch"])
+    p, r = divmod(pos, self._local)
+    return np.array(self._parts[p][k * self._local + r]).view(self.dtype)
+
+
+class CachedSource:
+  """A training source whose examples carry their cached `embeddings` and no `image`.
+
+  Wraps anything with `__len__` and `load(index, rng)` (data.Sa1bFolder); the
+  lookup runs in the pipeline's loading threads. Other attributes pass through.
+  """
+
+  def __init__(self, source, cache: EmbeddingCache):
+    self.source, self.cache = source, cache
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def load(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    example = dict(self.source.load(index, rng))
+    example.pop("image", None)
+    example["embeddings"] = self.cache[index]
+    return example
+
+
+def _read_meta(directory: str) -> Optional[Dict[str, Any]]:
+  try:
+    with open(os.path.join(directory, META)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _clear(directory: str) -> None:
+  for name in os.listdir(directory):
+    if name == META or name.startswith(("part-", "tmp-")):
+      path = os.path.join(directory, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global_batch: int,
+                  seed: int = 0) -> EmbeddingCache:
+  """The cache in `directory` if its fingerprint matches, else computed anew.
+
+  `params` are the full model parameters (sharded or not); only the image
+  encoder's are used. Every process must call this.
+  """
+  fp = fingerprint(mcfg, params["image_encoder"], source)
+  meta = _read_meta(directory)
+  if meta is not None and meta.get("fingerprint") == fp:
+    print(f"Using the cached image embeddings in {directory}.", flush=True)
+    return EmbeddingCache(directory, meta)
+  if meta is not None:
+    print(f"The embeddings cached in {directory} are stale (another encoder, config or "
+          "dataset); computing them again.", flush=True)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  if global_batch % pcount:
+    raise ValueError(f"batch size {global_batch} is not divisible by {pcount} processes")
+  if pindex == 0:
+    os.makedirs(directory, exist_ok=True)
+    _clear(directory)
+  _sync("embedding_cache_clear")
+
+  num = len(source)
+  local = global_batch // pcount
+  num_batches = -(-num // global_batch)
+  images_sh = shard_lib.batch_sharding(mesh, 4)
+  param_sh = shard_lib.param_shardings(params, mesh)
+  # As in the training step, the model computes with weights gathered over fsdp
+  # (the workaround in sharding.py's docstring for an XLA partitioner bug).
+  embed = jax.jit(lambda p, x: model.apply({"params": shard_lib.gather_fsdp(p, mesh)}, x, False,
+                                           method=Sam.embed_images),
+                  in_shardings=(param_sh, images_sh), out_shardings=images_sh)
+
+  def load(k):
+    idx = np.minimum(np.arange(k * global_batch, (k + 1) * global_batch), num - 1)
+    rows = idx[pindex * local:(pindex + 1) * local]
+    return data_lib.load_batch(source, rows, seed, k * global_batch + pindex * local, pool)
+
+  part, tmp = None, os.path.join(directory, f"tmp-{_part_name(pindex, pcount)}")
+  print(f"Computing the image embeddings of {num} examples into {directory} ...", flush=True)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool, \
+       concurrent.futures.ThreadPoolExecutor(1) as ahead, \
+       jax.set_mesh(mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    params = jax.device_put(params, param_sh)
+    nxt = ahead.submit(load, 0)
+    for k in range(num_batches):
+      batch = nxt.result()
+      if k + 1 < num_batches:
+        nxt = ahead.submit(load, k + 1)  # reads the next batch while this one computes
+      images = shard_lib.put_batch({"images": batch["image"]}, mesh)["images"]
+      emb = _local_rows(embed(params, images))
+      if part is None:
+        dtype = np.dtype(emb.dtype)
+        part = np.lib.format.open_memmap(tmp, mode="w+", dtype=_storage_dtype(dtype),
+                                         shape=(num_batches * local, *emb.shape[1:]))
+      part[k * local:(k + 1) * local] = emb.view(part.dtype)
+  part.flush()
+  del part
+  os.replace(tmp, os.path.join(directory, _part_name(pindex, pcount)))
+  _sync("embedding_cache_parts")
+  meta = dict(fingerprint=fp, version=FORMAT_VERSION, num_examples=num,
+              global_batch=global_batch, process_count=pcount,
+              shape=list(emb.shape[1:]), dtype=jnp.dtype(emb.dtype).name)
+  if pindex == 0:
+    with open(os.path.join(directory, META + ".tmp"), "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
+    logging.info("Cached %d embeddings of %s in %s", num, meta["shape"], directory)
+  _sync("embedding_cache_meta")
+  return EmbeddingCache(directory, meta)

@@ -1,0 +1,165 @@
+"""The data pipeline: TFDS `segment_anything` and SA-1B-layout folders, one reader.
+
+A tiny dataset is written in SA-1B's layout, and the same files are prepared
+as a TFDS `segment_anything` dataset (array_record, no TensorFlow); both paths
+must give the same examples, shard per process, keep a seeded order, resume
+at a data position and skip corrupt files.
+"""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sam_jax.train import data, demo_data, sa1b_folder
+
+MEAN = (123.675, 116.28, 103.53)
+
+
+class FakeSegmentAnything(sa1b_folder.Sa1bFolder, skip_registration=True):
+  """Writes a folder as the catalog's `segment_anything` (same features, same name)."""
+  name = "segment_anything"
+
+
+def _write_wide_example(directory, name, rng):
+  """A 40x64 image (not square) with its shapes' masks, in SA-1B's layout."""
+  img, masks = demo_data.make_example(rng, 64, 4)
+  img, masks = img[:40], [m[:40] for m in masks if m[:40].mean() >= 0.01]
+  Image.fromarray(img).save(os.path.join(directory, name + ".jpg"), quality=95)
+  record = dict(image=dict(image_id=99, width=64, height=40, file_name=name + ".jpg"),
+                annotations=[demo_data.annotation(m, j) for j, m in enumerate(masks)])
+  with open(os.path.join(directory, name + ".json"), "w") as f:
+    json.dump(record, f)
+
+
+def _as_segment_anything(folder, data_dir):
+  FakeSegmentAnything(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(folder)))
+
+
+def _dcfg(**kw):
+  return ml_collections.ConfigDict(dict(dict(train_dir="", eval_dir="", tfds_name="",
+                                             tfds_data_dir="", max_mask_fraction=0.9), **kw))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny")
+  folder = root / "folder"
+  demo_data.write_dataset(str(folder), 7, size=64, max_shapes=4, seed=3)
+  _write_wide_example(str(folder), "sa_wide", np.random.default_rng(7))
+  _as_segment_anything(folder, root / "tfds")
+  return root
+
+
+def _open(root, via, image_size=32, mask_size=8, max_masks=3):
+  if via == "tfds":
+    dcfg = _dcfg(tfds_name="segment_anything", tfds_data_dir=str(root / "tfds"))
+    folder = None
+  else:
+    dcfg, folder = _dcfg(train_dir=str(root / "folder")), str(root / "folder")
+  return data.open_examples(dcfg, "train", folder, str(root / "work"), image_size, mask_size,
+                            max_masks, MEAN)
+
+
+def test_tfds_and_folder_give_the_same_examples(tiny):
+  via_tfds, via_folder = _open(tiny, "tfds"), _open(tiny, "folder")
+  assert len(via_tfds) == len(via_folder) == 8
+  for i in range(8):
+    a = via_tfds.load(i, np.random.default_rng(i))
+    b = via_folder.load(i, np.random.default_rng(i))
+    for k in ("image", "masks", "valid"):
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} of example {i}")
+    assert a["valid"].any()
+  assert via_tfds.num_skipped == via_folder.num_skipped == 0
+  # The 40x64 image: resized to 20x32 and padded with the pixel mean; masks on 5x8 of 8x8.
+  wide = via_folder.load(7, np.random.default_rng(0))  # sa_wide sorts last
+  assert wide["image"].shape == (32, 32, 3)
+  np.testing.assert_allclose(wide["image"][20:], np.broadcast_to(MEAN, (12, 32, 3)), atol=1e-4)
+  assert not np.allclose(wide["image"][19], MEAN)
+  assert wide["masks"][:, 5:].sum() == 0 and wide["masks"][wide["valid"]].any()
+
+
+def test_a_height_width_image_size(tiny):
+  examples = _open(tiny, "folder", image_size=(32, 48), mask_size=(8, 12))
+  square = examples.load(0, np.random.default_rng(0))  # 64x64 -> 32x32, padded to 32x48
+  assert square["image"].shape == (32, 48, 3) and square["masks"].shape == (3, 8, 12)
+  np.testing.assert_allclose(square["image"][:, 32:], np.broadcast_to(MEAN, (32, 16, 3)),
+                             atol=1e-4)
+  assert square["masks"][:, :, 8:].sum() == 0 and square["valid"].any()
+  wide = examples.load(7, np.random.default_rng(0))  # 40x64 -> 30x48 (fits 32x48)
+  assert not np.allclose(wide["image"][29, 47], MEAN)
+  np.testing.assert_allclose(wide["image"][30:], np.broadcast_to(MEAN, (2, 48, 3)), atol=1e-4)
+  assert wide["masks"][:, 8:].sum() == 0  # 30 x 0.25 rounds to 8 rows
+  with pytest.raises(ValueError, match="not image size"):
+    _open(tiny, "folder", image_size=(32, 48), mask_size=(8, 8))
+
+
+def test_processes_read_disjoint_rows_that_make_the_one_process_batch(tiny):
+  examples = _open(tiny, "folder")
+  one = data.train_batches(examples, 4, seed=5, start_step=0)
+  two = [data.train_batches(examples, 4, seed=5, start_step=0, process_index=p,
+                            process_count=2) for p in range(2)]
+  for step in range(3):
+    whole, halves = next(one), [next(t) for t in two]
+    for k in whole:
+      np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+    rows = [data.batch_indices(8, 4, 5, step)[data.host_rows(4, p, 2)] for p in range(2)]
+    assert not set(rows[0]) & set(rows[1])
+  for it in [one, *two]:
+    it.close()
+  with pytest.raises(ValueError, match="not divisible"):
+    data.host_rows(4, 0, 3)
+
+
+def test_order_is_seeded_covers_each_epoch_and_resumes(tiny):
+  epoch = np.concatenate([data.batch_indices(8, 4, 1, s) for s in range(2)])
+  assert sorted(epoch) == list(range(8))
+  assert not np.array_equal(epoch, np.concatenate([data.batch_indices(8, 4, 2, s)
+                                                   for s in range(2)]))
+  examples = _open(tiny, "folder")
+  run = data.train_batches(examples, 4, seed=1, start_step=0)
+  first = [next(run) for _ in range(4)]
+  run.close()
+  again = data.train_batches(examples, 4, seed=1, start_step=0)
+  resumed = data.train_batches(examples, 4, seed=1, start_step=3)  # the data_step of a checkpoint
+  a, r = next(again), next(resumed)
+  for k in first[0]:
+    np.testing.assert_array_equal(a[k], first[0][k])
+    np.testing.assert_array_equal(r[k], first[3][k])
+  again.close()
+  resumed.close()
+
+
+def test_corrupt_images_and_annotations_are_skipped_and_counted(tmp_path):
+  folder = tmp_path / "folder"
+  demo_data.write_dataset(str(folder), 6, size=64, max_shapes=3, seed=1)
+  (folder / "sa_000001.json").write_text('{"annotations": [')  # cut-off json
+  (folder / "sa_000002.jpg").write_bytes(b"not a jpeg")  # not an image at all
+  jpg = (folder / "sa_000003.jpg").read_bytes()
+  (folder / "sa_000003.jpg").write_bytes(jpg[:len(jpg) // 2])  # truncated: fails on decoding
+  _as_segment_anything(folder, tmp_path / "tfds")
+  for via in ("folder", "tfds"):
+    examples = _open(tmp_path, via)
+    assert len(examples) == 4  # sa_000001 and sa_000002 were left out when prepared
+    assert sorted(examples.skipped_at_prepare) == ["sa_000001", "sa_000002"]
+    assert "JSONDecodeError" in examples.skipped_at_prepare["sa_000001"]
+    # One epoch: every example once, the truncated one empty (without a reading-ahead thread).
+    batch = data.load_batch(examples, data.batch_indices(4, 4, 0, 0), 0, 0)
+    assert examples.num_skipped_at_read == 1 and examples.num_skipped == 3
+    assert batch["valid"].any(axis=1).sum() == 3
+
+
+def test_config_mistakes_are_clear_errors(tiny):
+  with pytest.raises(FileNotFoundError, match="--file_format=array_record"):
+    data.tfds_records("segment_anything", "train", str(tiny / "nothing_here"))
+  both = _dcfg(tfds_name="segment_anything", train_dir=str(tiny / "folder"))
+  with pytest.raises(ValueError, match="set only one"):
+    data.open_examples(both, "train", str(tiny / "folder"), str(tiny), 32, 8, 3, MEAN)
+  with pytest.raises(ValueError, match="No training data"):
+    data.open_examples(_dcfg(), "train", None, str(tiny), 32, 8, 3, MEAN)
+  assert data.open_examples(_dcfg(), "eval", None, str(tiny), 32, 32, 3, MEAN) is None

@@ -1,0 +1,147 @@
+"""The training loop on two processes (2 CPU devices each, gloo collectives) equals one process.
+
+Both processes run `train_and_evaluate` into one shared workdir, as hosts with
+a shared file system would: process 0 writes the demo dataset and the metrics,
+each process reads only its own rows of every batch, both write their shards
+of the checkpoints, and process 0 exports the parameters gathered from both.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+
+from sam_jax.build import build_sam
+from sam_jax.checkpoint import abstract_params, load_sam, save_sam
+from tests.test_train_loop import tiny_config
+from tests.test_train_sharding import FAST_COMPILE_FLAGS, ROOT
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    process_id, port, workdir, model_init = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
+    if process_id >= 0:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                                 initialization_timeout=120)
+    from sam_jax.train import trainer
+    from tests.test_train_multiprocess import small_config
+    assert jax.device_count() == 4 and jax.local_device_count() == (2 if process_id >= 0 else 4)
+    config = small_config()
+    config.model_init = model_init  # read by every process
+    summary = trainer.train_and_evaluate(config, workdir)
+    spec = summary["state"]["params"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"].sharding
+    assert tuple(spec.spec) == ("fsdp", "tensor"), spec
+    assert spec.is_fully_addressable == (process_id < 0), spec  # split over both processes
+    print("LOSSES", json.dumps(summary["losses"]), flush=True)
+""")
+
+
+def small_config():
+  """tiny_config with one encoder block, one decoder layer and one prompt round (fast
+  compiles), two steps, a checkpoint at step 2 and an export, on a (1, 2, 2) mesh."""
+  config = tiny_config()
+  config.mesh_shape = (1, 2, 2)  # fsdp across the two processes, tensor within each
+  config.model.image_encoder.update(dict(depth=1, global_attn_indexes=()))
+  config.model.mask_decoder.transformer_depth = 1
+  config.prompts.num_rounds = 1
+  config.total_steps, config.checkpoint_every = 2, 2
+  config.export = True
+  return config
+
+
+def _write_model_init(directory: str) -> None:
+  """Random parameters of `small_config`'s model, as a checkpoint (no init compile)."""
+  mcfg = small_config().model
+  rng = np.random.default_rng(0)
+
+  def draw(path, x):
+    z = rng.standard_normal(x.shape).astype(np.float32)
+    if path[-1].key == "kernel":
+      return z / np.sqrt(np.prod(x.shape[:-1]))
+    return 1 + 0.1 * z if path[-1].key == "scale" else 0.1 * z
+  save_sam(directory, mcfg, jax.tree_util.tree_map_with_path(
+      draw, abstract_params(build_sam(mcfg))))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(stdout: str) -> dict:
+  line = [x for x in stdout.splitlines() if x.startswith("LOSSES ")]
+  assert line, stdout[-3000:]
+  return json.loads(line[0][len("LOSSES "):])
+
+
+def test_two_processes_train_like_one(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  model_init = str(tmp_path / "model_init")
+  _write_model_init(model_init)
+  port = _free_port()
+  runs = {}  # name: Popen; output to files, as a full pipe would stall a process
+  for name, pid, devices in (("p0", 0, 2), ("p1", 1, 2), ("single", -1, 4)):
+    workdir = tmp_path / ("single" if pid < 0 else "shared")
+    run_env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                   f"{FAST_COMPILE_FLAGS}")
+    with open(tmp_path / f"{name}.log", "w") as log:
+      runs[name] = subprocess.Popen(
+          [sys.executable, "-c", SCRIPT, str(pid), str(port), str(workdir), model_init],
+          cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+  try:  # until all have finished, one has failed (its peer would wait) or 5 minutes
+    deadline = time.time() + 300
+    while time.time() < deadline and any(p.poll() is None for p in runs.values()):
+      if any(p.poll() for p in runs.values()):
+        break
+      time.sleep(0.2)
+  finally:
+    for proc in runs.values():
+      if proc.poll() is None:
+        proc.kill()
+  out = {}
+  for name, proc in runs.items():
+    with open(tmp_path / f"{name}.log") as f:
+      log = f.read()
+    assert proc.wait() == 0, f"{name} (exit {proc.returncode}):\n{log[-6000:]}"
+    out[name] = _losses(log)
+
+  # The single process ran the same partitioned program on the same (1, 2, 2) mesh of
+  # 4 local devices; only the collectives' transport (gloo between the processes)
+  # differs. Measured: losses and exported parameters bitwise equal. Allowed: float
+  # rounding of a 4-way sum in another order (rtol 1e-6 on the losses), and on the
+  # parameters a 20th of the one non-zero Adam step (lr 2e-3 at step 2): Adam
+  # magnifies rounding noise on the exactly-zero gradients (k_proj biases) to a few %
+  # of lr, while a wrong or missing shard in the export would be off by a whole step
+  # or the parameters' scale. Equal losses also mean the two processes' rows made up
+  # the single process's global batch (a repeated or missing row would change them).
+  assert sorted(out["p0"]) == ["1", "2"]
+  assert out["p0"] == out["p1"]
+  for step in out["p0"]:
+    np.testing.assert_allclose(out["p0"][step], out["single"][step], rtol=1e-6)
+
+  shared = tmp_path / "shared"
+  assert sorted(os.listdir(shared / "checkpoints")) == ["2"]
+  with open(shared / "metrics.jsonl") as f:  # process 0's lines only
+    assert [json.loads(line)["step"] for line in f] == [1, 2]
+  _, exported = load_sam(str(shared / "export"))
+  _, reference = load_sam(str(tmp_path / "single" / "export"))
+  exported, reference = dict(_flatten(exported)), dict(_flatten(reference))
+  assert sorted(exported) == sorted(reference)
+  for key, ref in reference.items():
+    np.testing.assert_allclose(exported[key], ref, rtol=0, atol=1e-4, err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    for k in sorted(tree):
+      yield from _flatten(tree[k], f"{prefix}/{k}")
+  else:
+    yield prefix, np.asarray(tree)
