@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
@@ -85,9 +86,18 @@ class SamPredictor:
     is_image_set: whether an image has been set.
   """
 
-  def __init__(self, model: Sam, params, min_point_bucket: int = 4) -> None:
-    """`min_point_bucket`: points per prompt are padded to a power of two, at least this."""
+  def __init__(self, model: Sam, params, min_point_bucket: int = 4,
+               mesh: Optional[Mesh] = None) -> None:
+    """`min_point_bucket`: points per prompt are padded to a power of two, at least this.
+
+    `mesh`: `set_image_batch` splits the images over all of its devices, with
+    the parameters replicated on each (data-parallel encoding); the batch is
+    filled up to a multiple of the device count and the filler dropped.
+    """
     self.model = model
+    self.mesh = mesh
+    if mesh is not None:
+      params = jax.device_put(params, NamedSharding(mesh, P()))
     self.params = params
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
@@ -137,8 +147,17 @@ class SamPredictor:
     self.reset_image()
     self.original_sizes = [tuple(im.shape[:2]) for im in images]
     self.input_sizes = [tuple(im.shape[:2]) for im in batch]
-    self.features = embed_images(self.model, self.params, jnp.asarray(self.pad_images(batch)))
+    self.features = self._embed(self.pad_images(batch))
     self.is_image_set = True
+
+  def _embed(self, images: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return embed_images(self.model, self.params, jnp.asarray(images))
+    n = len(images)
+    filler = np.broadcast_to(images[:1], (-n % self.mesh.devices.size, *images.shape[1:]))
+    images = jax.device_put(np.concatenate([images, filler]),
+                            NamedSharding(self.mesh, P(tuple(self.mesh.axis_names))))
+    return embed_images(self.model, self.params, images)[:n]
 
   def pad_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """Resized images -> (B, H, W, 3) float32 at the full input size.

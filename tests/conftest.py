@@ -2,10 +2,26 @@
 
 import collections
 
+import jax
 import numpy as np
 import pytest
 
 PARITY = collections.defaultdict(float)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for the session: the training tests build new jitted
+  steps for the same programs (a resumed run, a second Trainer) and compile once."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(keys[1], 1.0)
+  jax.config.update(keys[2], -1)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
 
 
 def record(name: str, value: float) -> float:

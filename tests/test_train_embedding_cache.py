@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sam_jax.train import demo_data, embedding_cache, tensorboard, trainer
-from tests.test_train_loop import compilation_cache, tiny_config  # noqa: F401 - a fixture
+from tests.test_train_loop import tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")

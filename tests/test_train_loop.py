@@ -50,20 +50,6 @@ def fake_batch(config, batch_size):
               masks=masks, valid=np.ones((batch_size, n), bool))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-  """Each run of the loop builds a new jitted step; a shared cache compiles it once."""
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(keys[1], 0.0)
-  jax.config.update(keys[2], -1)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-
-
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]

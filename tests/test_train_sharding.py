@@ -1,4 +1,5 @@
-"""One train step on an 8-device CPU mesh (data x fsdp x tensor) equals the 1-device step."""
+"""One train step on an 8-device CPU mesh (data x fsdp x tensor) equals the 1-device step,
+and a checkpoint saved on either mesh restores onto the other."""
 
 import os
 import subprocess
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent("""
         return z / np.sqrt(np.prod(x.shape[:-1]))
       return 1 + 0.1 * z if leaf == "scale" else 0.1 * z
 
-    results = {}
+    results, live, trainers = {}, {}, {}
     for name, shape, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                                  ("eight", (2, 2, 2), jax.devices())):
       tr = trainer.Trainer(config, sharding.make_mesh(shape, devices))
@@ -52,6 +53,7 @@ SCRIPT = textwrap.dedent("""
                    "fsdp" in str(x.sharding.spec) for x in mu)
       state, metrics = tr.train_step(state, batch)
       results[name] = jax.device_get((state, metrics))
+      live[name], trainers[name] = state, tr
     (s1, m1), (s8, m8) = results["one"], results["eight"]
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
@@ -68,11 +70,26 @@ SCRIPT = textwrap.dedent("""
     # up to a few % of lr (2e-3) either way: half a step is the tolerance here.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-3),
                  s1["params"], s8["params"])
+    # Restore onto another mesh: each saved state onto the other trainer's mesh.
+    import tempfile
+    for saved, other in (("eight", "one"), ("one", "eight")):
+      with tempfile.TemporaryDirectory() as d:
+        mgr = trainer.checkpoint_manager(d, config)
+        trainer.save_checkpoint(mgr, 1, live[saved], dict(step=1, data_step=1))
+        mgr.wait_until_finished()
+        restored, meta = trainer.restore_checkpoint(mgr, trainers[other], 1)
+      path = lambda t: t["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"]  # noqa: E731
+      kernel, want = path(restored["params"]), path(trainers[other].param_shardings)
+      assert kernel.sharding.mesh.shape == trainers[other].mesh.shape, kernel.sharding
+      assert kernel.sharding.spec == want.spec, (kernel.sharding.spec, want.spec)
+      assert len(kernel.sharding.device_set) == len(trainers[other].mesh.devices.flat)
+      assert meta["data_step"] == 1
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), results[saved][0])
     print("OK", float(m1["loss"]), float(m8["loss"]))
 """)
 
 
-def test_eight_device_step_equals_one_device_step():
+def test_eight_device_step_equals_one_device_step_and_restores_across_meshes():
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
