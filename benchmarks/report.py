@@ -14,8 +14,12 @@ def _ms(s: float) -> str:
 
 def _what(row: Dict[str, Any]) -> str:
   if row["bench"] == "encoder":
-    what = f"{row['image_size'][0]}x{row['image_size'][1]}, batch {row['batch']}"
-    return what + (", seed attention" if "attention" in row else "")
+    what = (f"{row['image_size'][0]}x{row['image_size'][1]}, batch {row['batch']}, "
+            f"{row.get('dtype', 'float32')}")
+    return what + (", seed attention" if "seed" in row.get("attention", "") else "")
+  if row["bench"] == "attention":
+    return (f"{row['block']} block, {row['mode']}, {row['implementation']}, batch "
+            f"{row['batch']}, {row['dtype']}")
   if row["bench"] == "decoder":
     return f"{row['prompts']} prompt(s), 1 point each"
   if row["bench"] == "predict":
@@ -29,6 +33,11 @@ def table(rows: List[Dict[str, Any]]) -> str:
            "| sam_jax rate | reference rate | speedup | sam_jax compile (s) | repeats | load avg (1 min) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['bench']} | {r['variant']} | FAILED: {r['error'][:200]} |" + " |" * 8)
+      continue
+    if r["bench"] == "train":
+      continue  # no reference: see train_table
     j, ref = r["sam_jax"], r["reference"]
     compile_s = f"{j['compile_s']:.1f}" if "compile_s" in j else f"{j['first_call_s']:.1f} (first call)"
     lines.append(
@@ -38,16 +47,39 @@ def table(rows: List[Dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def train_table(rows: List[Dict[str, Any]]) -> str:
+  rows = [r for r in rows if r["bench"] == "train" and "error" not in r]
+  if not rows:
+    return ""
+  lines = ["| variant | dtype | batch per device | masks per image | step (ms) | images/s "
+           "| model TFLOP per step | model TFLOP/s | MFU | peak memory (GB) | first step (s) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    j = r["sam_jax"]
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    lines.append(
+        f"| {r['variant']} | {r['dtype']} | {r['batch_per_device']} | {r['masks_per_image']} "
+        f"| {_ms(j['median_s'])} | {j['rate']:.3g} | {r['model_tflop_per_step']:.3g} "
+        f"| {r['model_tflop_per_s']:.3g} | {mfu} | {r['device_peak_memory_gb']} "
+        f"| {j['first_call_s']:.1f} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   for path in (argv if argv is not None else sys.argv[1:]):
     with open(path) as f:
       report = json.load(f)
     env = report["environment"]
     flags = f"XLA_FLAGS='{env['xla_flags']}' " if env.get("xla_flags") else ""
+    device = env.get("jax_device_kind", env["jax_backend"])
     print(f"{path}: {env['cpu']} x{env['cpu_count']}, {env['date_utc']}, "
-          f"jax {env['versions']['jax']} ({env['jax_backend']}), torch {env['versions']['torch']} "
-          f"({env['torch_threads']} threads)\n`{flags}{env['command']}`\n")
+          f"jax {env['versions']['jax']} ({device}), torch {env['versions']['torch']} "
+          f"({env.get('torch_device', 'cpu')}, {env['torch_threads']} threads)\n"
+          f"`{flags}{env['command']}`\n")
     print(table(report["results"]))
+    train = train_table(report["results"])
+    if train:
+      print("\n" + train)
     print()
   return 0
 

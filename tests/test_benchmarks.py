@@ -85,6 +85,17 @@ def test_train_row(report):
   assert row["mfu"] is None  # no known peak for a CPU: not guessed
 
 
+def test_report_renders_every_row(report, tmp_path, capsys):
+  from benchmarks import report as report_lib
+  path = tmp_path / "quick.json"
+  path.write_text(json.dumps(report))
+  assert report_lib.main([str(path)]) == 0
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+  header_rows = 2  # the comparison table's and the training table's
+  assert len(rows) == len(report["results"]) + header_rows, out
+
+
 def test_seed_attention_swaps_back():
   fast = ie.Attention
   with seed_attention():
