@@ -30,6 +30,8 @@ step() {  # step NAME LIMIT_S ARGS...: one benchmark process, unless past the de
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   step enc_vit_h_bf16 90 --only encoder --variants vit_h --dtype bfloat16 --batch 1,8 --repeats 10
   step train_vit_h_bf16 150 --only train --variants vit_h --dtype bfloat16 --train-batch 4 --repeats 3
+  step train_vit_h_bf16_b1 150 --only train --variants vit_h --dtype bfloat16 --train-batch 1 --repeats 3
+  step train_vit_b_bf16 120 --only train --variants vit_b --dtype bfloat16 --train-batch 4 --repeats 3
   step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --repeats 3
   step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
   step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5
