@@ -10,6 +10,7 @@ is the shortened run that the test uses.
 
 import ml_collections
 
+from configs import common
 from sam_jax.build import model_config
 
 
@@ -51,19 +52,11 @@ def get_config(arg=None):
   c.export = not quick
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
 
-  c.prompts = dict(num_rounds=11, num_no_point_rounds=2, box_prob=0.5,
-                   box_noise_frac=0.1, box_noise_max_px=20.0 * 128 / 1024)
-  c.loss = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0,
-                focal_alpha=0.25, focal_gamma=2.0)
+  common.paper_prompts_and_loss(c, box_noise_max_px=20.0 * 128 / 1024)  # scaled to 128 px
   c.optim = dict(lr=2e-3, warmup_steps=20, decay_steps=(500,),
                  decay_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0)
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
-  c.tensorboard = False  # also write the metrics as TensorBoard events (WORKDIR/tensorboard)
-  c.peak_flops = 0.0  # one device's peak FLOP/s for the MFU; 0: flops.PEAK_FLOPS's entry
-  # Frozen encoder only: compute the image embeddings once, under embedding_cache_dir
-  # (default WORKDIR/embeddings), and train the prompt encoder + decoder on them.
-  c.cache_embeddings = False
-  c.embedding_cache_dir = ""
+  common.outputs_off(c)
   return c

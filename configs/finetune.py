@@ -12,6 +12,8 @@
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -29,19 +31,11 @@ def get_config(arg=None):
   c.keep_checkpoints = 2
   c.export = True
   c.mesh_shape = (-1, 1, 1)
-  c.prompts = dict(num_rounds=11, num_no_point_rounds=2, box_prob=0.5,
-                   box_noise_frac=0.1, box_noise_max_px=20.0)
-  c.loss = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0,
-                focal_alpha=0.25, focal_gamma=2.0)
+  common.paper_prompts_and_loss(c)
   c.optim = dict(lr=1e-5, warmup_steps=100, decay_steps=(1500,), decay_factor=0.1,
                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8, grad_clip=0.0)
   c.remat_rounds = False
   c.unroll_rounds = False
   c.eval = dict(num_images=50, max_masks=16, num_clicks=5, before_training=True)
-  c.tensorboard = False  # also write the metrics as TensorBoard events (WORKDIR/tensorboard)
-  c.peak_flops = 0.0  # one device's peak FLOP/s for the MFU; 0: flops.PEAK_FLOPS's entry
-  # Frozen encoder only: compute the image embeddings once, under embedding_cache_dir
-  # (default WORKDIR/embeddings), and train the prompt encoder + decoder on them.
-  c.cache_embeddings = False
-  c.embedding_cache_dir = ""
+  common.outputs_off(c)
   return c

@@ -96,10 +96,10 @@ def folder_records(directory: str, data_dir: str):
   """
   from sam_jax.train import sa1b_folder
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from sam_jax.train import sharding  # noqa: PLC0415
     if jax.process_index() == 0:
       sa1b_folder.prepare_folder(directory, data_dir)
-    multihost_utils.sync_global_devices(f"sam_jax prepared {os.path.abspath(directory)}")
+    sharding.sync_processes(f"sam_jax prepared {os.path.abspath(directory)}")
   builder = sa1b_folder.prepare_folder(directory, data_dir)
   source = builder.as_data_source("train", decoders=_image_decoders())
   return source, sa1b_folder.skipped(builder)

@@ -111,12 +111,6 @@ def _storage_dtype(dtype: np.dtype) -> np.dtype:
   return dtype if dtype.kind in "fiu" and dtype.isbuiltin else np.dtype(f"u{dtype.itemsize}")
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices(name)
-
-
 def _local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded array, in order (as `put_batch` placed them)."""
   if x.is_fully_addressable:
@@ -209,7 +203,7 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
   if pindex == 0:
     os.makedirs(directory, exist_ok=True)
     _clear(directory)
-  _sync("embedding_cache_clear")
+  shard_lib.sync_processes("embedding_cache_clear")
 
   num = len(source)
   local = global_batch // pcount
@@ -248,7 +242,7 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
   part.flush()
   del part
   os.replace(tmp, os.path.join(directory, _part_name(pindex, pcount)))
-  _sync("embedding_cache_parts")
+  shard_lib.sync_processes("embedding_cache_parts")
   meta = dict(fingerprint=fp, version=FORMAT_VERSION, num_examples=num,
               global_batch=global_batch, process_count=pcount,
               shape=list(emb.shape[1:]), dtype=jnp.dtype(emb.dtype).name)
@@ -257,5 +251,5 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
       json.dump(meta, f, indent=2)
     os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
     logging.info("Cached %d embeddings of %s in %s", num, meta["shape"], directory)
-  _sync("embedding_cache_meta")
+  shard_lib.sync_processes("embedding_cache_meta")
   return EmbeddingCache(directory, meta)

@@ -41,6 +41,13 @@ LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
 OUTPUT_PROJECTIONS = ("proj", "lin2", "out_proj")
 
 
+def sync_processes(name: str) -> None:
+  """With several processes: waits until every one has reached the barrier `name`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())

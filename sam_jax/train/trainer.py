@@ -143,12 +143,6 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).tolist(), tree)
 
 
-def _sync(name: str) -> None:
-  """With several processes: waits until every one has reached this point."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _gathered(params):
   """The full parameters on every process (host copies when they span several processes)."""
   if jax.process_count() > 1:
@@ -172,7 +166,7 @@ def _prepare_data(config, workdir: str):
       demo_data.write_dataset(train_dir, g.num_train, g.size, g.max_shapes, seed=g.seed)
       demo_data.write_dataset(eval_dir, g.num_eval, g.size, g.max_shapes, seed=g.seed + 1,
                               prefix="sa_eval_")
-    _sync("sam_jax demo data written")
+    shard_lib.sync_processes("sam_jax demo data written")
   return train_dir, eval_dir
 
 
