@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
 from sam_jax.train import losses, prompts, recipe
