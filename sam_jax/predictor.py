@@ -54,12 +54,19 @@ def embed_images(model: Sam, params, images: jax.Array) -> jax.Array:
   return model.apply({"params": params}, images, method=model.embed_images)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def dense_pe(model: Sam, params) -> jax.Array:
+  """The positional encoding of the embedding grid: the same for every image and prompt."""
+  return model.apply({"params": params}, method=lambda m: m.prompt_encoder.get_dense_pe())
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("multimask_output",))
-def decode(model: Sam, params, embeddings, coords, labels, boxes, masks, multimask_output=True):
+def decode(model: Sam, params, image_pe, embeddings, coords, labels, boxes, masks,
+           multimask_output=True):
   """(B, P) prompts -> low-resolution logits (B, P, M, 4h, 4w) and IoUs (B, P, M)."""
   TRACE_COUNTS["decode"] += 1
   return model.apply({"params": params}, embeddings, coords, labels, boxes, masks,
-                     multimask_output, method=model.decode)
+                     multimask_output, image_pe, method=model.decode)
 
 
 @functools.partial(jax.jit, static_argnums=0,
@@ -96,9 +103,9 @@ class SamPredictor:
     """
     self.model = model
     self.mesh = mesh
-    if mesh is not None:
-      params = jax.device_put(params, NamedSharding(mesh, P()))
-    self.params = params
+    # On the device once: host (NumPy) parameters would be copied at every call.
+    self.params = jax.device_put(params, None if mesh is None else NamedSharding(mesh, P()))
+    self.image_pe = dense_pe(model, self.params)
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
     self.min_point_bucket = min_point_bucket
@@ -253,8 +260,8 @@ class SamPredictor:
     prompts = [self._check_prompts(i, **a) for i, a in enumerate(per_image)]
     counts = [p[0] for p in prompts]
     coords, labels, boxes_, masks = self._stack_padded([p[1:] for p in prompts])
-    low_res, iou = decode(self.model, self.params, self.features, coords, labels, boxes_, masks,
-                          multimask_output=multimask_output)
+    low_res, iou = decode(self.model, self.params, self.image_pe, self.features, coords, labels,
+                          boxes_, masks, multimask_output=multimask_output)
     full = upscale(self.model, low_res, input_sizes=tuple(self.input_sizes),
                    original_sizes=tuple(self.original_sizes), return_logits=return_logits)
     iou, low_res = np.asarray(iou), np.asarray(low_res)

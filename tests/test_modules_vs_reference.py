@@ -139,9 +139,10 @@ def test_mask_decoder(small, multimask, case):
 
   def run(m):
     sparse, valid, dense = m.prompt_encoder(**kwargs)
-    return m.mask_decoder(jnp.asarray(emb), m.prompt_encoder.get_dense_pe(), sparse, dense,
-                          multimask, valid)
+    return m.mask_decoder(jnp.asarray(emb), m.prompt_encoder.get_dense_pe(), sparse[None],
+                          dense[None], multimask, valid[None])
   masks, iou = model.apply(variables, method=run)
+  masks, iou = masks[0], iou[0]  # the reference decodes one image's prompts
   assert masks.shape == tuple(masks_ref.shape) and iou.shape == tuple(iou_ref.shape)
   assert_close_abs(masks, masks_ref.numpy(), LOGIT_ABS, "low-res mask logits (decoder)")
   assert_close_abs(iou, iou_ref.numpy(), LOGIT_ABS, "IoU predictions")

@@ -44,10 +44,11 @@ def test_encoder_flops_match_a_hand_count():
   by_hand, patch_embed = encoder_flops_by_hand(m, 2)
   # Every matmul and convolution is counted exactly: no tolerance beyond rounding.
   assert counted == pytest.approx(by_hand, rel=1e-9)
-  # XLA's cost analysis of the same (loop-free) function adds the elementwise work on top:
-  # norms, softmax, GELU; about 7% at this small width.
+  # XLA's cost analysis of the same (loop-free) function is an independent count. It adds
+  # the elementwise work (norms, softmax, GELU) and counts a few small products its own
+  # way: within a few percent at this small width (0.6% under, with the erf GELU).
   xla = jax.jit(embed).lower(params, images).cost_analysis()["flops"]
-  assert by_hand <= xla <= 1.15 * by_hand
+  assert xla == pytest.approx(by_hand, rel=0.1)
   # The backward: two matmuls per forward one, except that the images need no gradient.
   grads = jax.grad(lambda p, x: embed(p, x).sum())
   assert flops.count_flops(grads, params, images) == pytest.approx(

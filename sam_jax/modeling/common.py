@@ -3,10 +3,20 @@
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-# The reference uses torch.nn.GELU, i.e. the exact erf form; Flax defaults to tanh.
-gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
+_SQRT_HALF = np.float32(np.sqrt(0.5))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact GELU, x * Phi(x), as torch.nn.GELU (Flax defaults to the tanh form).
+
+  Written with erf, as torch does: `jax.nn.gelu(approximate=False)` uses erfc,
+  which is as accurate here and 2.6x slower on a CPU (2M values: 2.0 ms, 0.78 ms).
+  """
+  return x * (1 + jax.lax.erf(x * _SQRT_HALF.astype(x.dtype))) / 2
 
 
 def layer_norm(eps: float, name: str, dtype=jnp.float32) -> nn.LayerNorm:

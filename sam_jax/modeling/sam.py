@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_jax.modeling.image_encoder import ImageEncoderViT, linear_resize_matrix
 from sam_jax.modeling.mask_decoder import MaskDecoder
@@ -55,8 +56,13 @@ class Sam(nn.Module):
       boxes: Optional[jax.Array] = None,
       mask_inputs: Optional[jax.Array] = None,
       multimask_output: bool = True,
+      image_pe: Optional[jax.Array] = None,
   ) -> Tuple[jax.Array, jax.Array]:
     """Masks for P prompts on each of B embedded images.
+
+    `image_pe` is `prompt_encoder.get_dense_pe()` where the caller keeps it:
+    it depends on the parameters alone, and on a CPU its sines cost a sixth
+    of a one-prompt decode (the predictor computes it once).
 
     Returns low-resolution mask logits (B, P, M, 4h, 4w) and IoU predictions
     (B, P, M), with M = 3 for multimask output and 1 otherwise.
@@ -68,11 +74,14 @@ class Sam(nn.Module):
     flat = lambda x: None if x is None else x.reshape(b * p, *x.shape[2:])  # noqa: E731
     points = None if point_coords is None else (flat(point_coords), flat(point_labels))
     sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs))
-    embeddings = jnp.repeat(image_embeddings, p, axis=0)  # one copy per prompt
-    masks, iou = self.mask_decoder(
-        embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output,
-        sparse_mask)
-    return masks.reshape(b, p, *masks.shape[1:]), iou.reshape(b, p, -1)
+    unflat = lambda x: x.reshape(b, p, *x.shape[1:])  # noqa: E731
+    # Without mask prompts every prompt has the same dense embedding; keeping it
+    # shared lets the decoder do the image's own work once, not once per prompt.
+    dense = dense[:1, None] if mask_inputs is None else unflat(dense)
+    if image_pe is None:
+      image_pe = self.prompt_encoder.get_dense_pe()
+    return self.mask_decoder(image_embeddings, image_pe, unflat(sparse), dense, multimask_output,
+                             unflat(sparse_mask))
 
   def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
                mask_inputs=None, multimask_output=True, train=False):
@@ -86,13 +95,31 @@ class Sam(nn.Module):
 
     The reference upscales bilinearly to the padded input, crops the padding
     away and resizes bilinearly to the original image. All three are linear
-    and separable, so each axis is one (H0, 4h) matrix and the whole is one
-    einsum: the same values, without the 1024 x 1024 intermediate.
+    and separable, so each axis is one (H0, 4h) matrix: the same values,
+    without the 1024 x 1024 intermediate.
     """
-    def axis(low: int, padded: int, valid: int, original: int) -> jnp.ndarray:
-      up = linear_resize_matrix(low, padded)[:valid]
-      return jnp.asarray(linear_resize_matrix(valid, original) @ up)
+    def axis(low: int, padded: int, valid: int, original: int) -> np.ndarray:
+      return linear_resize_matrix(valid, original) @ linear_resize_matrix(low, padded)[:valid]
     rows = axis(masks.shape[-2], self.image_size[0], input_size[0], original_size[0])
     cols = axis(masks.shape[-1], self.image_size[1], input_size[1], original_size[1])
-    return jnp.einsum("...hw,Hh,Ww->...HW", masks, rows, cols,
-                      precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
+    return _apply_banded(_apply_banded(masks, rows, -2), cols, -1)
+
+
+def _apply_banded(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
+  """`matrix` (R, n) applied to `x` along `axis` (of length n).
+
+  A composed interpolation matrix has its nonzeros on a run of two or three
+  columns per row, so it is applied as that many gathers, weighted and summed,
+  rather than as a dense product (a hundred times the arithmetic: most of an
+  automatic mask generation batch's upscaling on a CPU).
+  """
+  nonzero = matrix != 0
+  first = nonzero.argmax(1)
+  last = matrix.shape[1] - 1 - nonzero[:, ::-1].argmax(1)
+  width = int((last - first).max()) + 1
+  index = np.minimum(first, matrix.shape[1] - width)[:, None] + np.arange(width)
+  weight = np.take_along_axis(matrix, index, 1)
+  shape = [1] * x.ndim
+  shape[axis] = matrix.shape[0]
+  return sum(jnp.take(x, index[:, j], axis=axis) * weight[:, j].reshape(shape)
+             for j in range(width))
