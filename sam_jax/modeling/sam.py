@@ -61,8 +61,8 @@ class Sam(nn.Module):
     """Masks for P prompts on each of B embedded images.
 
     `image_pe` is `prompt_encoder.get_dense_pe()` where the caller keeps it:
-    it depends on the parameters alone, and on a CPU its sines cost a sixth
-    of a one-prompt decode (the predictor computes it once).
+    it depends on the parameters alone, and its sines take about 6 ms on a
+    2-core CPU, a fifth of a one-prompt decode (the predictor computes it once).
 
     Returns low-resolution mask logits (B, P, M, 4h, 4w) and IoU predictions
     (B, P, M), with M = 3 for multimask output and 1 otherwise.
