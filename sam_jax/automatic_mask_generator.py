@@ -23,13 +23,13 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def decode_points(model: Sam, params, image_pe, embeddings, points):
+def decode_points(model: Sam, params, cache, embeddings, points):
   """(K, 2) foreground points -> low-res logits (K, 3, 4h, 4w) and IoUs (K, 3)."""
   TRACE_COUNTS["amg_decode"] += 1
   k = points.shape[0]
   low_res, iou = model.apply(
       {"params": params}, embeddings, points[None, :, None, :], jnp.ones((1, k, 1), jnp.int32),
-      multimask_output=True, image_pe=image_pe, method=model.decode)
+      multimask_output=True, cache=cache, method=model.decode)
   return low_res[0], iou[0]
 
 
@@ -198,7 +198,7 @@ class SamAutomaticMaskGenerator:
     resized = self.predictor.transform.apply_coords(points, crop_size)
     padded = np.zeros((batch, 2), np.float32)
     padded[:n] = resized
-    low_res, iou = decode_points(self.model, self.predictor.params, self.predictor.image_pe,
+    low_res, iou = decode_points(self.model, self.predictor.params, self.predictor.cache,
                                  self.predictor.features, jnp.asarray(padded))
     thresholds = jnp.array([self.pred_iou_thresh, self.stability_score_thresh,
                             self.stability_score_offset], jnp.float32)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sam_jax.modeling.mask_decoder import ImageCache
 from sam_jax.modeling.prompt_encoder import PADDING
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
 from sam_jax.transforms import ResizeLongestSide, check_image
@@ -35,9 +36,11 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 def _pad_axis(x: np.ndarray, size: int, axis: int, value) -> np.ndarray:
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return np.pad(x, pad, constant_values=value)
+  # Not np.pad: a few small prompt arrays per call, where np.pad's overhead
+  # (tens of microseconds each) adds up to a noticeable part of a predict.
+  out = np.full((*x.shape[:axis], size, *x.shape[axis + 1:]), value, x.dtype)
+  out[(slice(None),) * axis + (slice(0, x.shape[axis]),)] = x
+  return out
 
 
 # How often each compiled function was traced. The functions take the model as
@@ -55,18 +58,19 @@ def embed_images(model: Sam, params, images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def dense_pe(model: Sam, params) -> jax.Array:
-  """The positional encoding of the embedding grid: the same for every image and prompt."""
-  return model.apply({"params": params}, method=lambda m: m.prompt_encoder.get_dense_pe())
+def cache_image(model: Sam, params, embeddings: jax.Array) -> ImageCache:
+  """What every decode on these images would compute from them alone: `Sam.cache_image`."""
+  TRACE_COUNTS["cache"] += 1
+  return model.apply({"params": params}, embeddings, method=model.cache_image)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("multimask_output",))
-def decode(model: Sam, params, image_pe, embeddings, coords, labels, boxes, masks,
+def decode(model: Sam, params, cache, embeddings, coords, labels, boxes, masks,
            multimask_output=True):
   """(B, P) prompts -> low-resolution logits (B, P, M, 4h, 4w) and IoUs (B, P, M)."""
   TRACE_COUNTS["decode"] += 1
   return model.apply({"params": params}, embeddings, coords, labels, boxes, masks,
-                     multimask_output, image_pe, method=model.decode)
+                     multimask_output, cache, method=model.decode)
 
 
 @functools.partial(jax.jit, static_argnums=0,
@@ -79,7 +83,7 @@ def upscale(model: Sam, low_res, input_sizes, original_sizes, return_logits=Fals
   TRACE_COUNTS["upscale"] += 1
   full = []
   for b, (input_size, original_size) in enumerate(zip(input_sizes, original_sizes)):
-    up = model.postprocess_masks(low_res[b], input_size, original_size)
+    up = model.postprocess_masks(low_res[b], input_size, original_size, read_once=True)
     full.append(up if return_logits else up > MASK_THRESHOLD)
   return tuple(full)
 
@@ -105,7 +109,6 @@ class SamPredictor:
     self.mesh = mesh
     # On the device once: host (NumPy) parameters would be copied at every call.
     self.params = jax.device_put(params, None if mesh is None else NamedSharding(mesh, P()))
-    self.image_pe = dense_pe(model, self.params)
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
     self.min_point_bucket = min_point_bucket
@@ -117,6 +120,7 @@ class SamPredictor:
     """Forgets the image(s) set."""
     self.is_image_set = False
     self.features = None
+    self.cache = None
     self.original_sizes: List[Tuple[int, int]] = []
     self.input_sizes: List[Tuple[int, int]] = []
 
@@ -155,6 +159,7 @@ class SamPredictor:
     self.original_sizes = [tuple(im.shape[:2]) for im in images]
     self.input_sizes = [tuple(im.shape[:2]) for im in batch]
     self.features = self._embed(self.pad_images(batch))
+    self.cache = cache_image(self.model, self.params, self.features)
     self.is_image_set = True
 
   def _embed(self, images: np.ndarray) -> jax.Array:
@@ -260,12 +265,14 @@ class SamPredictor:
     prompts = [self._check_prompts(i, **a) for i, a in enumerate(per_image)]
     counts = [p[0] for p in prompts]
     coords, labels, boxes_, masks = self._stack_padded([p[1:] for p in prompts])
-    low_res, iou = decode(self.model, self.params, self.image_pe, self.features, coords, labels,
+    low_res, iou = decode(self.model, self.params, self.cache, self.features, coords, labels,
                           boxes_, masks, multimask_output=multimask_output)
     full = upscale(self.model, low_res, input_sizes=tuple(self.input_sizes),
                    original_sizes=tuple(self.original_sizes), return_logits=return_logits)
     iou, low_res = np.asarray(iou), np.asarray(low_res)
-    out = [(np.asarray(full[b][:n]), iou[b, :n], low_res[b, :n]) for b, n in enumerate(counts)]
+    # Sliced on the device (a dispatch) only where there is padding to drop.
+    out = [(np.asarray(full[b] if n == len(full[b]) else full[b][:n]), iou[b, :n], low_res[b, :n])
+           for b, n in enumerate(counts)]
     if n_images == 1:
       return out[0]
     return tuple(list(x) for x in zip(*out))

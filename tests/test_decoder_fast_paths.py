@@ -5,18 +5,23 @@ alternative directly (values and gradients), so that a path the default shapes
 do not pick cannot rot.
 """
 
+import functools
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.demo import tiny_model
+from sam_jax.build import build_sam
 from sam_jax.modeling.image_encoder import linear_resize_matrix
 from sam_jax.modeling.mask_decoder import SubpixelConvTranspose
 from sam_jax.modeling.sam import _apply_banded
-from sam_jax.modeling.transformer import Attention
+from sam_jax.modeling.transformer import OUTPUTS, SCORES, Attention, Heads
 
-ORDERS = ("projected", "keys", "queries")
+PAIRS = list(itertools.product(SCORES, OUTPUTS))
 
 
 def _attention_inputs(rs, shared_image, tokens_attend):
@@ -29,43 +34,111 @@ def _attention_inputs(rs, shared_image, tokens_attend):
   return image, tokens, tokens, mask
 
 
-@pytest.mark.parametrize("shared_image", [True, False])
-@pytest.mark.parametrize("tokens_attend", [True, False])
-def test_attention_contraction_orders_agree(shared_image, tokens_attend):
-  q, k, v, mask = _attention_inputs(np.random.RandomState(0), shared_image, tokens_attend)
-  attn = Attention(num_heads=4, downsample_rate=2)
+def _attention(rs, shared_image, tokens_attend):
+  q, k, v, mask = _attention_inputs(rs, shared_image, tokens_attend)
+  attn = Attention(32, num_heads=4, downsample_rate=2)
   params = attn.init(jax.random.PRNGKey(0), q, k, v, mask)
   # Non-zero biases: the orders move them around differently.
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
                         params)
+  return attn, params, (q, k, v, mask)
 
-  def loss(order):
-    return lambda p, q, k, v: (attn.apply(p, q, k, v, mask, contraction=order) ** 2).sum()
-  outs = {o: attn.apply(params, q, k, v, mask, contraction=o) for o in ORDERS}
-  grads = {o: jax.grad(loss(o), (0, 1, 2, 3))(params, q, k, v) for o in ORDERS}
+
+@pytest.mark.parametrize("shared_image", [True, False])
+@pytest.mark.parametrize("tokens_attend", [True, False])
+def test_attention_contraction_orders_agree(shared_image, tokens_attend):
+  attn, params, (q, k, v, mask) = _attention(np.random.RandomState(0), shared_image,
+                                             tokens_attend)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grads(order, p, q, k, v):
+    loss = lambda *a: (attn.apply(*a, mask, contraction=order) ** 2).sum()  # noqa: E731
+    return attn.apply(p, q, k, v, mask, contraction=order), jax.grad(loss, (0, 1, 2, 3))(
+        p, q, k, v)
+  outs, grads = {}, {}
+  for o in PAIRS:
+    outs[o], grads[o] = out_and_grads(o, params, q, k, v)
   want_shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + q.shape[-2:]
-  for o in ORDERS[1:]:
+  reference_order = ("project", "project")
+  for o in PAIRS:
     assert outs[o].shape == want_shape
-    np.testing.assert_allclose(outs[o], outs["projected"], rtol=1e-5, atol=1e-5, err_msg=o)
-    for got, want in zip(jax.tree.leaves(grads[o]), jax.tree.leaves(grads["projected"])):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=o)
+    np.testing.assert_allclose(outs[o], outs[reference_order], rtol=1e-5, atol=1e-5,
+                               err_msg=str(o))
+    wants = jax.tree.leaves(grads[reference_order])
+    # Float32 sums of terms up to a few hundred: the rounding scales with the
+    # largest gradient (the key bias's is zero but for that rounding).
+    atol = 1e-6 * max(float(np.abs(w).max()) for w in wants)
+    for got, want in zip(jax.tree.leaves(grads[o]), wants):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol, err_msg=str(o))
+
+
+@pytest.mark.parametrize("given", ["q", "k", "v", "kv", "qkv"])
+def test_attention_takes_sides_projected_beforehand(given):
+  """`Heads` from `project` in place of any side, in every order that allows it."""
+  attn, params, (q, k, v, mask) = _attention(np.random.RandomState(1), True, False)
+  want = attn.apply(params, q, k, v, mask)
+  sides = dict(q=q, k=k, v=v)
+  for which in given:
+    sides[which] = attn.apply(params, sides[which], which, method=Attention.project)
+    assert isinstance(sides[which], Heads)
+  needs_raw = {"fold_wk": "k", "fold_wq": "q", "fold_wv": "v"}
+  for order in PAIRS:
+    if any(o in needs_raw and needs_raw[o] in given for o in order):
+      with pytest.raises(ValueError, match="needs that side unprojected"):
+        attn.apply(params, sides["q"], sides["k"], sides["v"], mask, contraction=order)
+      continue
+    got = attn.apply(params, sides["q"], sides["k"], sides["v"], mask, contraction=order)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(order))
 
 
 def test_attention_picks_the_cheapest_order():
   """SAM's shapes: 4096 image tokens, a few prompt tokens, 256 channels, 8 heads."""
-  attn = Attention(num_heads=8, downsample_rate=2)
+  attn = Attention(256, num_heads=8, downsample_rate=2)
   x = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
   image, one_prompt, many_prompts = x(1, 1, 4096, 256), x(1, 1, 7, 256), x(1, 64, 7, 256)
-  assert attn.contraction(one_prompt, image, image) == "keys"
-  assert attn.contraction(image, one_prompt, one_prompt) == "queries"
+  # Tokens attending to the image never project it; the image attending to
+  # tokens never projects its queries or its output.
+  assert attn.contraction(one_prompt, image, image) == ("fold_wk", "fold_wv")
+  assert attn.contraction(image, one_prompt, one_prompt) == ("fold_wq", "fold_wo")
   # The image shared by 64 prompts is projected once: the reference's order wins.
-  assert attn.contraction(many_prompts, image, image) == "projected"
+  assert attn.contraction(many_prompts, image, image) == ("project", "project")
   # After the first layer each prompt has its own image tokens.
   per_prompt_image = x(1, 64, 4096, 256)
-  assert attn.contraction(many_prompts, per_prompt_image, per_prompt_image) == "keys"
+  assert attn.contraction(many_prompts, per_prompt_image, per_prompt_image) == (
+      "fold_wk", "fold_wv")
+  # Image projections kept from an earlier call cost nothing.
+  heads = Heads(x(1, 1, 8, 4096, 32))
+  assert attn.contraction(one_prompt, heads, heads) == ("project", "project")
+  assert attn.contraction(heads, one_prompt, one_prompt) == ("project", "fold_wo")
   with pytest.raises(ValueError, match="contraction must be"):
-    q = jnp.zeros((1, 3, 32))
-    attn.init(jax.random.PRNGKey(0), q, q, q, contraction="sideways")
+    q = jnp.zeros((1, 3, 256))
+    attn.init(jax.random.PRNGKey(0), q, q, q, contraction=("sideways", "project"))
+
+
+def test_decode_on_a_cached_image_equals_decode():
+  """`Sam.cache_image` kept across calls changes nothing, mask prompts included."""
+  model = build_sam(tiny_model(64))
+  rs = np.random.RandomState(3)
+  emb_shape = (2, *model.prompt_encoder.image_embedding_size, model.prompt_encoder.embed_dim)
+  emb = jnp.asarray(rs.randn(*emb_shape).astype(np.float32))
+  coords = jnp.asarray(rs.uniform(0, model.image_size[0], (2, 3, 2, 2)).astype(np.float32))
+  labels = jnp.asarray(rs.randint(-1, 2, (2, 3, 2)))
+  masks = jnp.asarray(rs.randn(2, 3, *model.prompt_encoder.mask_input_size).astype(np.float32))
+
+  def decoder_only(m, *args):  # the encoder's parameters are not needed here
+    return m.decode(*args), m.cache_image(args[0])
+  # Random parameters of the right shapes: compiling `init` takes ten seconds.
+  shapes = jax.eval_shape(functools.partial(model.init, method=decoder_only),
+                          jax.random.key(0), emb, coords, labels, None, masks)["params"]
+  params = jax.tree.map(lambda x: jnp.asarray(0.2 * rs.randn(*x.shape), x.dtype), shapes)
+  cache = jax.jit(functools.partial(model.apply, method=model.cache_image))(
+      {"params": params}, emb)
+  decode = jax.jit(functools.partial(model.apply, method=model.decode))
+  for mask_inputs in (None, masks):
+    want = decode({"params": params}, emb, coords, labels, None, mask_inputs)
+    got = decode({"params": params}, emb, coords, labels, None, mask_inputs, cache=cache)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_subpixel_conv_transpose_equals_conv_transpose():
@@ -92,3 +165,15 @@ def test_banded_resize_equals_dense_matrix(low, padded, valid, original):
   got = _apply_banded(jnp.asarray(x), matrix, axis=-2)
   want = np.einsum("Hh,bhw->bHw", matrix.astype(np.float64), x)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("input_size,original_size", [((128, 96), (300, 225)), ((70, 128), (41, 75))])
+def test_postprocess_read_once_equals_materialised(input_size, original_size):
+  """Both axes banded (the predictor) against rows banded and columns by matmul (the generator)."""
+  model = build_sam(tiny_model(128))
+  low_res = jnp.asarray(np.random.RandomState(5).randn(2, 3, 32, 32).astype(np.float32))
+  post = lambda once: model.apply(  # noqa: E731
+      {}, low_res, input_size, original_size, once, method=model.postprocess_masks)
+  got, want = post(True), post(False)
+  assert got.shape == want.shape == (2, 3, *original_size)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

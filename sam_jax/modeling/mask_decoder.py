@@ -1,13 +1,13 @@
 """SAM's mask decoder: output tokens, two-way transformer, upscaling and heads."""
 
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sam_jax.modeling.common import gelu, layer_norm_2d
-from sam_jax.modeling.transformer import TwoWayTransformer
+from sam_jax.modeling.transformer import Heads, TwoWayTransformer
 
 
 class MLP(nn.Module):
@@ -42,6 +42,17 @@ class SubpixelConvTranspose(nn.Module):
     return jnp.einsum("...i,abfi->...abf", x, kernel) + bias
 
 
+class ImageCache(NamedTuple):
+  """What the decoder computes from the image alone, for prompts that share a dense embedding.
+
+  Made by `MaskDecoder.cache_image`; a caller that decodes many prompts on
+  one image (the predictor, the automatic mask generator) keeps it.
+  """
+  image_pe: jax.Array  # (1, h, w, C)
+  src: jax.Array  # (B, 1, h, w, C): the image embeddings plus the dense prompt embedding
+  first_layer: Dict[str, Heads]  # the transformer's first projections of src
+
+
 class MaskDecoder(nn.Module):
   transformer_dim: int = 256
   num_multimask_outputs: int = 3
@@ -56,7 +67,28 @@ class MaskDecoder(nn.Module):
   def num_mask_tokens(self) -> int:
     return self.num_multimask_outputs + 1
 
-  @nn.compact
+  def setup(self):
+    dim = self.transformer_dim
+    self.iou_token = nn.Embed(1, dim)
+    self.mask_tokens = nn.Embed(self.num_mask_tokens, dim)
+    self.transformer = TwoWayTransformer(
+        dim, self.transformer_depth, self.transformer_num_heads, self.transformer_mlp_dim,
+        self.attention_downsample_rate)
+    # Names follow the reference's nn.Sequential indexes (activations hold 2 and 4).
+    self.output_upscaling_0 = SubpixelConvTranspose(dim // 4)
+    self.output_upscaling_1 = layer_norm_2d(name=None)
+    self.output_upscaling_3 = SubpixelConvTranspose(dim // 8)
+    self.output_hypernetworks_mlps = [MLP(dim, dim // 8, 3) for _ in range(self.num_mask_tokens)]
+    self.iou_prediction_head = MLP(self.iou_head_hidden_dim, self.num_mask_tokens,
+                                   self.iou_head_depth)
+
+  def cache_image(self, image_embeddings: jax.Array, image_pe: jax.Array,
+                  dense_prompt_embeddings: jax.Array) -> ImageCache:
+    """image_embeddings (B, h, w, C) with a dense embedding (B, P, h, w, C) or
+    (B or 1, 1, h, w, C) shared by every prompt: see `__call__`."""
+    src = image_embeddings[:, None] + dense_prompt_embeddings
+    return ImageCache(image_pe, src, self.transformer.image_heads(src, image_pe))
+
   def __call__(
       self,
       image_embeddings: jax.Array,
@@ -81,11 +113,22 @@ class MaskDecoder(nn.Module):
     Returns:
       mask logits (B, P, M, 4h, 4w) and predicted IoUs (B, P, M), M = 3 or 1.
     """
+    src = image_embeddings[:, None] + dense_prompt_embeddings
+    return self._decode(src, image_pe, None, sparse_prompt_embeddings, multimask_output,
+                        sparse_prompt_mask)
+
+  def decode_cached(self, cache: ImageCache, sparse_prompt_embeddings: jax.Array,
+                    multimask_output: bool, sparse_prompt_mask: Optional[jax.Array] = None
+                    ) -> Tuple[jax.Array, jax.Array]:
+    """`__call__` on an image kept by `cache_image`: its first projections are not redone."""
+    return self._decode(cache.src, cache.image_pe, cache.first_layer, sparse_prompt_embeddings,
+                        multimask_output, sparse_prompt_mask)
+
+  def _decode(self, src, image_pe, first_layer, sparse_prompt_embeddings, multimask_output,
+              sparse_prompt_mask):
     dim, n_masks = self.transformer_dim, self.num_mask_tokens
     b, p = sparse_prompt_embeddings.shape[:2]
-    output_tokens = jnp.concatenate(
-        [nn.Embed(1, dim, name="iou_token").embedding,
-         nn.Embed(n_masks, dim, name="mask_tokens").embedding], axis=0)
+    output_tokens = jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
     tokens = jnp.concatenate(
         [jnp.broadcast_to(output_tokens, (b, p, *output_tokens.shape)), sparse_prompt_embeddings],
         axis=2)
@@ -94,30 +137,25 @@ class MaskDecoder(nn.Module):
       token_mask = jnp.concatenate(
           [jnp.ones((b, p, 1 + n_masks), bool), sparse_prompt_mask.astype(bool)], axis=2)
 
-    src = image_embeddings[:, None] + dense_prompt_embeddings
-    hs, src = TwoWayTransformer(
-        self.transformer_depth, self.transformer_num_heads, self.transformer_mlp_dim,
-        self.attention_downsample_rate, name="transformer")(src, image_pe, tokens, token_mask)
+    h, w = src.shape[-3:-1]
+    hs, src = self.transformer(src, image_pe, tokens, token_mask, first_layer,
+                               num_outputs=1 + n_masks)
     iou_token_out, mask_tokens_out = hs[..., 0, :], hs[..., 1:1 + n_masks, :]
 
     # The two 2x2 stride-2 transposed convolutions do not overlap, so each is a
     # matmul to (2, 2, features) per pixel; the pixels are put in place once,
     # on the final masks (one channel) rather than on 64- and 32-channel maps.
-    # Names follow the reference's nn.Sequential indexes (activations hold 2 and 4).
-    h, w = image_embeddings.shape[1:3]
     x = src.reshape(b, p, h, w, dim)
-    x = SubpixelConvTranspose(dim // 4, name="output_upscaling_0")(x)  # (..., a, e, C/4)
-    x = gelu(layer_norm_2d("output_upscaling_1")(x))
-    x = SubpixelConvTranspose(dim // 8, name="output_upscaling_3")(x)  # (..., a, e, c, f, C/8)
-    upscaled = gelu(x)
+    x = self.output_upscaling_0(x)  # (..., a, e, C/4)
+    x = gelu(self.output_upscaling_1(x))
+    upscaled = gelu(self.output_upscaling_3(x))  # (..., a, e, c, f, C/8)
 
-    hyper_in = jnp.stack(
-        [MLP(dim, dim // 8, 3, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[..., i, :])
-         for i in range(n_masks)], axis=-2)
-    # Row 4i + 2a + c, column 4j + 2e + f of the mask is subpixel (a, e), then (c, f), of (i, j).
-    masks = jnp.einsum("npmk,npijaecfk->npmiacjef", hyper_in, upscaled)
-    masks = masks.reshape(b, p, n_masks, 4 * h, 4 * w)
-    iou_pred = MLP(self.iou_head_hidden_dim, n_masks, self.iou_head_depth,
-                   name="iou_prediction_head")(iou_token_out)
     keep = slice(1, None) if multimask_output else slice(0, 1)
-    return masks[:, :, keep], iou_pred[..., keep]
+    # Every hypernetwork runs (a few thousand FLOPs each), so that every
+    # parameter exists whichever output `init` traces; only the kept masks are made.
+    hyper_in = jnp.stack([mlp(mask_tokens_out[..., i, :])
+                          for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=-2)
+    # Row 4i + 2a + c, column 4j + 2e + f of the mask is subpixel (a, e), then (c, f), of (i, j).
+    masks = jnp.einsum("npmk,npijaecfk->npmiacjef", hyper_in[:, :, keep], upscaled)
+    masks = masks.reshape(b, p, -1, 4 * h, 4 * w)
+    return masks, self.iou_prediction_head(iou_token_out)[..., keep]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling.image_encoder import ImageEncoderViT, linear_resize_matrix
-from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.mask_decoder import ImageCache, MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 
 MASK_THRESHOLD = 0.0
@@ -48,6 +48,19 @@ class Sam(nn.Module):
     """(B, H, W, 3) images -> (B, h, w, C) image embeddings."""
     return self.image_encoder(self.preprocess(images), train)
 
+  def cache_image(self, image_embeddings: jax.Array) -> ImageCache:
+    """What `decode` computes from the image embeddings alone, for prompts without masks.
+
+    A caller that decodes prompts on one image again and again keeps it and
+    passes it to `decode`: the positional encoding's sines (about 6 ms on a
+    2-core CPU), the no-mask embedding's sum and the transformer's first
+    projections of the image are then not redone (about a fifth of a
+    one-prompt decode).
+    """
+    no_mask = self.prompt_encoder.no_mask_embed.embedding[0]
+    return self.mask_decoder.cache_image(image_embeddings, self.prompt_encoder.get_dense_pe(),
+                                         no_mask)
+
   def decode(
       self,
       image_embeddings: jax.Array,
@@ -56,13 +69,12 @@ class Sam(nn.Module):
       boxes: Optional[jax.Array] = None,
       mask_inputs: Optional[jax.Array] = None,
       multimask_output: bool = True,
-      image_pe: Optional[jax.Array] = None,
+      cache: Optional[ImageCache] = None,
   ) -> Tuple[jax.Array, jax.Array]:
     """Masks for P prompts on each of B embedded images.
 
-    `image_pe` is `prompt_encoder.get_dense_pe()` where the caller keeps it:
-    it depends on the parameters alone, and its sines take about 6 ms on a
-    2-core CPU, a fifth of a one-prompt decode (the predictor computes it once).
+    `cache` is `cache_image(image_embeddings)`, kept by the caller; prompts
+    with mask inputs use only its positional encoding.
 
     Returns low-resolution mask logits (B, P, M, 4h, 4w) and IoU predictions
     (B, P, M), with M = 3 for multimask output and 1 otherwise.
@@ -75,13 +87,15 @@ class Sam(nn.Module):
     points = None if point_coords is None else (flat(point_coords), flat(point_labels))
     sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs))
     unflat = lambda x: x.reshape(b, p, *x.shape[1:])  # noqa: E731
+    sparse, sparse_mask = unflat(sparse), unflat(sparse_mask)
+    if cache is not None and mask_inputs is None:
+      return self.mask_decoder.decode_cached(cache, sparse, multimask_output, sparse_mask)
     # Without mask prompts every prompt has the same dense embedding; keeping it
     # shared lets the decoder do the image's own work once, not once per prompt.
     dense = dense[:1, None] if mask_inputs is None else unflat(dense)
-    if image_pe is None:
-      image_pe = self.prompt_encoder.get_dense_pe()
-    return self.mask_decoder(image_embeddings, image_pe, unflat(sparse), dense, multimask_output,
-                             unflat(sparse_mask))
+    image_pe = self.prompt_encoder.get_dense_pe() if cache is None else cache.image_pe
+    return self.mask_decoder(image_embeddings, image_pe, sparse, dense, multimask_output,
+                             sparse_mask)
 
   def __call__(self, images, point_coords=None, point_labels=None, boxes=None,
                mask_inputs=None, multimask_output=True, train=False):
@@ -90,22 +104,27 @@ class Sam(nn.Module):
                        mask_inputs, multimask_output)
 
   def postprocess_masks(self, masks: jax.Array, input_size: Tuple[int, int],
-                        original_size: Tuple[int, int]) -> jax.Array:
+                        original_size: Tuple[int, int], read_once: bool = False) -> jax.Array:
     """Low-res logits (..., 4h, 4w) -> logits (..., H0, W0) at the original size.
 
     The reference upscales bilinearly to the padded input, crops the padding
     away and resizes bilinearly to the original image. All three are linear
     and separable, so each axis is one (H0, 4h) matrix: the same values,
-    without the 1024 x 1024 intermediate. Rows go through `_apply_banded`;
-    columns through a matmul, whose output XLA materialises once, where it
-    would recompute gathers inside every consumer of the logits (threshold,
-    stability score, boxes: 4x slower in an automatic mask generation batch).
+    without the 1024 x 1024 intermediate, applied as a few gathers per axis
+    (`_apply_banded`). XLA fuses those into the consumer of the result, and
+    into every consumer, recomputing them: a caller that reads the result
+    more than once (the automatic mask generator: threshold, stability
+    score, boxes; 4x slower with gathers on both axes) leaves `read_once`
+    False, and the columns are then a matmul, whose output XLA materialises.
     """
     def axis(low: int, padded: int, valid: int, original: int) -> np.ndarray:
       return linear_resize_matrix(valid, original) @ linear_resize_matrix(low, padded)[:valid]
     rows = axis(masks.shape[-2], self.image_size[0], input_size[0], original_size[0])
     cols = axis(masks.shape[-1], self.image_size[1], input_size[1], original_size[1])
-    return jnp.einsum("...Hw,Ww->...HW", _apply_banded(masks, rows, -2), jnp.asarray(cols),
+    masks = _apply_banded(masks, rows, -2)
+    if read_once:
+      return _apply_banded(masks, cols, -1)
+    return jnp.einsum("...Hw,Ww->...HW", masks, jnp.asarray(cols),
                       precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
 
 

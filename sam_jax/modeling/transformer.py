@@ -2,12 +2,13 @@
 
 Shapes carry any leading batch dimensions, which broadcast: the decoder passes
 the image keys as (B, 1, h*w, C) and the prompt tokens as (B, P, T, C), so the
-P prompts of an image share the work that depends on the image alone (the
-first layer's image projections) instead of repeating it per prompt, as the
-reference does.
+P prompts of an image share the work that depends on the image alone instead
+of repeating it per prompt, as the reference does. That work (the first
+layer's projections of the image) can also be kept across calls:
+`TwoWayTransformer.image_heads`.
 """
 
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -25,168 +26,267 @@ class Projection(nn.Module):
   `Attention` contracts them in whichever order is cheapest, so it needs the
   matrices themselves.
   """
+  in_features: int
   features: int
 
   @nn.compact
-  def __call__(self, in_features: int) -> Tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+  def __call__(self) -> Tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.in_features, self.features))
     return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
 
 
-def _batch(x: jax.Array) -> int:
-  return int(np.prod(x.shape[:-2]))
+class Heads(NamedTuple):
+  """Queries, keys or values already projected to the heads: (..., heads, N, head_dim).
+
+  Made by `Attention.project`; keys come scaled by head_dim ** -0.5. Heads-major,
+  as the per-head products read them: kept image projections in (N, heads)
+  order were transposed by XLA at every call (1.3 ms of a one-prompt decode).
+  """
+  x: jax.Array
+
+
+Side = Union[jax.Array, Heads]
+SCORES = ("project", "fold_wk", "fold_wq")
+OUTPUTS = ("project", "fold_wv", "fold_wo")
+
+
+def _tokens(x: Side) -> int:
+  return (x.x if isinstance(x, Heads) else x).shape[-2]
+
+
+def _batch_shape(x: Side) -> Tuple[int, ...]:
+  return x.x.shape[:-3] if isinstance(x, Heads) else x.shape[:-2]
 
 
 class Attention(nn.Module):
   """Multi-head attention with an optional projection to fewer channels.
 
-  q (..., Nq, C), k and v (..., Nk, C), leading dimensions broadcasting;
-  `key_mask` (..., Nk), True for real keys, removes padded prompt tokens.
+  q (..., Nq, C), k and v (..., Nk, C), leading dimensions broadcasting, or
+  any of them as `Heads` projected beforehand; `key_mask` (..., Nk), True for
+  real keys, removes padded prompt tokens.
 
   The decoder attends between a few prompt tokens and thousands of image
   tokens. Projecting the image side to the heads costs Nimage x C x C/2 per
   projection, while a head's scores and values only ever meet the image
   tokens through a few token vectors. So the products are associated the
-  cheaper way, decided from static shapes (`contraction`):
-    "keys":    scores = (q_h W_k,h^T) k^T, values = (P_h v) W_v,h + b_v,h,
-               i.e. k and v are never projected (tokens attending to the image);
-    "queries": scores = q (W_q,h k_h^T) + b_q,h k_h^T, output = sum_h P_h (v_h W_o,h),
-               i.e. q is never projected and the output never leaves C (the
-               image attending to tokens);
-    "projected": the reference's order, cheapest when the image side is
-               shared by many prompts (projected once, used P times).
-  All three are the same function up to float rounding (the key bias adds a
+  cheaper way, chosen from static shapes (`contraction`), for the scores:
+    "project": (q W_q,h + b_q,h)(k W_k,h + b_k,h)^T, the reference's order,
+               cheapest when the image side is shared by many prompts;
+    "fold_wk": (q_h W_k,h^T) k^T: k is never projected (tokens attending to
+               the image);
+    "fold_wq": q (W_q,h k_h^T) + b_q,h k_h^T: q is never projected (the image
+               attending to tokens);
+  and for the output, from the probabilities P_h:
+    "project": (P_h v_h) W_o,h summed over heads;
+    "fold_wv": (P_h v) W_v,h + b_v,h, then W_o: v is never projected;
+    "fold_wo": P_h (v_h W_o,h) summed over heads: the output never leaves C.
+  All are the same function up to float rounding (the key bias adds a
   constant to each score row, which softmax ignores; softmax rows sum to 1,
   which moves the value bias out).
   """
+  embedding_dim: int
   num_heads: int
   downsample_rate: int = 1
 
-  def contraction(self, q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-    """The order with the fewest multiply-adds for these shapes."""
-    (nq, c), nk = q.shape[-2:], k.shape[-2]
-    i, heads = c // self.downsample_rate, self.num_heads
-    bq, bk, bv = _batch(q), _batch(k), _batch(v)
-    bo = int(np.prod(np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])))
-    every_pair_in_c = bo * heads * nq * nk * c
-    cost = {
-        "projected": (bq * nq + (bk + bv) * nk + bo * nq) * c * i + 2 * bo * nq * nk * i,
-        "keys": 2 * (bq + bo) * nq * c * i + 2 * every_pair_in_c,
-        "queries": 2 * (bk + bv) * nk * c * i + 2 * every_pair_in_c,
-    }
-    return min(cost, key=cost.get)
-
-  @nn.compact
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
-               key_mask: Optional[jax.Array] = None, contraction: Optional[str] = None
-               ) -> jax.Array:
-    """`contraction` forces an order (tests); by default the cheapest is taken."""
-    dim = q.shape[-1]
-    internal = dim // self.downsample_rate
+  def setup(self):
+    dim, internal = self.embedding_dim, self.embedding_dim // self.downsample_rate
     if internal % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide {internal} channels.")
-    heads, head_dim = self.num_heads, internal // self.num_heads
-    contraction = contraction or self.contraction(q, k, v)
-    if contraction not in ("projected", "keys", "queries"):
-      raise ValueError(f"contraction must be 'projected', 'keys' or 'queries', got "
-                       f"{contraction!r}.")
-    wq, bq = Projection(internal, name="q_proj")(dim)
-    wk, bk = Projection(internal, name="k_proj")(dim)
-    wv, bv = Projection(internal, name="v_proj")(dim)
-    wo, bo = Projection(dim, name="out_proj")(internal)
-    split = lambda x: x.reshape(*x.shape[:-1], heads, head_dim)  # noqa: E731  (..., h, d)
-    project = lambda x, w, b: split(x @ w + b)  # noqa: E731
-    wo = wo.reshape(heads, head_dim, dim)
-    scale = head_dim ** -0.5
+    self.q_proj = Projection(dim, internal)
+    self.k_proj = Projection(dim, internal)
+    self.v_proj = Projection(dim, internal)
+    self.out_proj = Projection(internal, dim)
 
-    if contraction == "keys":
-      # Keys first in the scores, (..., Nk, Nq, h): the image stays in its
-      # row-major layout (XLA would otherwise transpose it, which costs more
-      # than the product on a CPU).
-      qh = project(q, wq, bq) * scale
-      scores = jnp.einsum("...kc,...qhc->...kqh", k,
-                          jnp.einsum("...qhd,chd->...qhc", qh, split(wk)))
-      probs = _softmax(scores, None if key_mask is None else key_mask[..., None, None], axis=-3)
-      values = jnp.einsum("...kqh,...kc->...qhc", probs, v)
-      heads_out = jnp.einsum("...qhc,chd->...qhd", values, split(wv)) + split(bv)
+  @property
+  def head_dim(self) -> int:
+    return self.embedding_dim // self.downsample_rate // self.num_heads
+
+  def _split(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.num_heads, -1)
+
+  def project(self, x: jax.Array, which: str) -> Heads:
+    """x (..., N, C) projected as the queries ("q"), keys ("k") or values ("v")."""
+    w, b = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}[which]()
+    heads = self._split(x @ w + b)
+    heads = jnp.swapaxes(heads, -2, -3)
+    return Heads(heads * self.head_dim ** -0.5 if which == "k" else heads)
+
+  def contraction(self, q: Side, k: Side, v: Side) -> Tuple[str, str]:
+    """The (scores, output) orders with the fewest multiply-adds for these shapes."""
+    nq, nk = _tokens(q), _tokens(k)
+    c = self.embedding_dim
+    i, heads = c // self.downsample_rate, self.num_heads
+    bq, bk, bv = (int(np.prod(_batch_shape(x))) for x in (q, k, v))
+    bo = int(np.prod(np.broadcast_shapes(*(_batch_shape(x) for x in (q, k, v)))))
+    every_pair_in_c = bo * heads * nq * nk * c
+    project = lambda x, b, n: 0 if isinstance(x, Heads) else b * n * c * i  # noqa: E731
+    scores = {
+        "project": project(q, bq, nq) + project(k, bk, nk) + bo * nq * nk * i,
+        "fold_wk": project(q, bq, nq) + bq * nq * i * c + every_pair_in_c,
+        "fold_wq": project(k, bk, nk) + bk * nk * i * c + every_pair_in_c,
+    }
+    output = {
+        "project": project(v, bv, nk) + bo * nq * nk * i + bo * nq * i * c,
+        "fold_wv": every_pair_in_c + 2 * bo * nq * c * i,
+        "fold_wo": project(v, bv, nk) + bv * nk * i * c + every_pair_in_c,
+    }
+    # An order that keeps a side in C needs that side unprojected.
+    for x, order, costs in ((k, "fold_wk", scores), (q, "fold_wq", scores),
+                            (v, "fold_wv", output)):
+      if isinstance(x, Heads):
+        del costs[order]
+    return min(scores, key=scores.get), min(output, key=output.get)
+
+  def __call__(self, q: Side, k: Side, v: Side, key_mask: Optional[jax.Array] = None,
+               contraction: Optional[Tuple[str, str]] = None) -> jax.Array:
+    """`contraction` forces the (scores, output) orders (tests); by default the cheapest."""
+    scores_order, output_order = contraction or self.contraction(q, k, v)
+    if scores_order not in SCORES or output_order not in OUTPUTS:
+      raise ValueError(f"contraction must be a (scores, output) pair from {SCORES} and "
+                       f"{OUTPUTS}, got {contraction!r}.")
+    needs_raw = {"fold_wk": k, "fold_wq": q, "fold_wv": v}
+    for order in (scores_order, output_order):
+      if isinstance(needs_raw.get(order), Heads):
+        raise ValueError(f"The {order!r} order needs that side unprojected, not Heads.")
+    wq, bq = self.q_proj()
+    wk, _ = self.k_proj()
+    wv, bv = self.v_proj()
+    wo, bo = self.out_proj()
+    wo = wo.reshape(self.num_heads, self.head_dim, -1)
+    heads = lambda x, which: x.x if isinstance(x, Heads) else self.project(x, which).x  # noqa: E731
+
+    # Scores laid out (..., Nk, Nq, h) when k stays in C: the image keeps its
+    # row-major layout (XLA would otherwise transpose it, which costs more
+    # than the product on a CPU). Projected heads are heads-major throughout.
+    if scores_order == "fold_wk":
+      layout, axis = "kqh", -3
+      folded = jnp.einsum("...hqd,chd->...qhc", heads(q, "q") * self.head_dim ** -0.5,
+                          self._split(wk))
+      scores = jnp.einsum("...kc,...qhc->...kqh", k, folded)
+    elif scores_order == "fold_wq":
+      layout, axis = "qhk", -1
+      kh = heads(k, "k")
+      scores = jnp.einsum("...qc,...chk->...qhk", q, jnp.einsum("chd,...hkd->...chk",
+                                                                self._split(wq), kh))
+      scores += jnp.einsum("hd,...hkd->...hk", self._split(bq), kh)[..., None, :, :]
+    else:
+      layout, axis = "hqk", -1
+      scores = jnp.einsum("...hqd,...hkd->...hqk", heads(q, "q"), heads(k, "k"))
+    if key_mask is not None:
+      mask = key_mask[..., None, None] if layout == "kqh" else key_mask[..., None, None, :]
+      scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=axis)
+
+    if output_order == "fold_wo":
+      out_per_token = jnp.einsum("...hkd,hdc->...hkc", heads(v, "v"), wo)
+      return jnp.einsum(f"...{layout},...hkc->...qc", probs, out_per_token) + bo
+    if output_order == "fold_wv":
+      values = jnp.einsum(f"...{layout},...kc->...qhc", probs, v)
+      heads_out = jnp.einsum("...qhc,chd->...qhd", values, self._split(wv)) + self._split(bv)
       return jnp.einsum("...qhd,hdc->...qc", heads_out, wo) + bo
-
-    mask = None if key_mask is None else key_mask[..., None, None, :]
-    kh, vh = project(k, wk, bk) * scale, project(v, wv, bv)
-    if contraction == "queries":
-      scores = jnp.einsum("...qc,...chk->...qhk", q,
-                          jnp.einsum("chd,...khd->...chk", split(wq), kh))
-      scores += jnp.einsum("hd,...khd->...hk", split(bq), kh)[..., None, :, :]
-      probs = _softmax(scores, mask, axis=-1)
-      out_per_token = jnp.einsum("...khd,hdc->...hkc", vh, wo)
-      return jnp.einsum("...qhk,...hkc->...qc", probs, out_per_token) + bo
-    probs = _softmax(jnp.einsum("...qhd,...khd->...qhk", project(q, wq, bq), kh), mask, axis=-1)
-    heads_out = jnp.einsum("...qhk,...khd->...qhd", probs, vh)
-    return jnp.einsum("...qhd,hdc->...qc", heads_out, wo) + bo
-
-
-def _softmax(scores: jax.Array, key_mask: Optional[jax.Array], axis: int) -> jax.Array:
-  if key_mask is not None:
-    scores = jnp.where(key_mask, scores, jnp.finfo(scores.dtype).min)
-  return jax.nn.softmax(scores, axis=axis)
+    heads_out = jnp.einsum(f"...{layout},...hkd->...hqd", probs, heads(v, "v"))
+    return jnp.einsum("...hqd,hdc->...qc", heads_out, wo) + bo
 
 
 class TwoWayAttentionBlock(nn.Module):
   """Tokens attend to themselves and to the image; the image attends to tokens."""
+  embedding_dim: int
   num_heads: int
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
   skip_first_layer_pe: bool = False
 
-  @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
+  def setup(self):
+    dim, heads, rate = self.embedding_dim, self.num_heads, self.attention_downsample_rate
+    self.self_attn = Attention(dim, heads)
+    self.norm1 = layer_norm(_EPS, None)
+    self.cross_attn_token_to_image = Attention(dim, heads, rate)
+    self.norm2 = layer_norm(_EPS, None)
+    self.mlp = MLPBlock(self.mlp_dim, act=nn.relu)
+    self.norm3 = layer_norm(_EPS, None)
+    self.norm4 = layer_norm(_EPS, None)
+    self.cross_attn_image_to_token = Attention(dim, heads, rate)
+
+  def image_heads(self, keys: jax.Array, key_pe: jax.Array) -> Dict[str, Heads]:
+    """The block's projections of the image keys alone, which a caller may keep.
+
+    Valid for every call with these keys: `__call__(..., image_heads=)`.
+    """
+    k = keys + key_pe
+    return {"token_to_image_k": self.cross_attn_token_to_image.project(k, "k"),
+            "token_to_image_v": self.cross_attn_token_to_image.project(keys, "v"),
+            "image_to_token_q": self.cross_attn_image_to_token.project(k, "q")}
+
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None,
+               image_heads: Optional[Dict[str, Heads]] = None):
     if self.skip_first_layer_pe:
-      queries = Attention(self.num_heads, name="self_attn")(
-          queries, queries, queries, token_mask)
+      queries = self.self_attn(queries, queries, queries, token_mask)
     else:
       q = queries + query_pe
-      queries = queries + Attention(self.num_heads, name="self_attn")(q, q, queries, token_mask)
-    queries = layer_norm(_EPS, "norm1")(queries)
+      queries = queries + self.self_attn(q, q, queries, token_mask)
+    queries = self.norm1(queries)
 
-    q, k = queries + query_pe, keys + key_pe
-    queries = queries + Attention(self.num_heads, self.attention_downsample_rate,
-                                  name="cross_attn_token_to_image")(q, k, keys)
-    queries = layer_norm(_EPS, "norm2")(queries)
+    q = queries + query_pe
+    if image_heads is None:
+      k = keys + key_pe
+      image_heads = {"token_to_image_k": k, "token_to_image_v": keys, "image_to_token_q": k}
+    queries = queries + self.cross_attn_token_to_image(
+        q, image_heads["token_to_image_k"], image_heads["token_to_image_v"])
+    queries = self.norm2(queries)
 
-    queries = queries + MLPBlock(self.mlp_dim, act=nn.relu, name="mlp")(queries)
-    queries = layer_norm(_EPS, "norm3")(queries)
+    queries = queries + self.mlp(queries)
+    queries = self.norm3(queries)
 
-    q, k = queries + query_pe, keys + key_pe
-    keys = keys + Attention(self.num_heads, self.attention_downsample_rate,
-                            name="cross_attn_image_to_token")(k, q, queries, token_mask)
-    keys = layer_norm(_EPS, "norm4")(keys)
-    return queries, keys
+    q = queries + query_pe
+    keys = keys + self.cross_attn_image_to_token(image_heads["image_to_token_q"], q, queries,
+                                                  token_mask)
+    return queries, self.norm4(keys)
 
 
 class TwoWayTransformer(nn.Module):
+  embedding_dim: int = 256
   depth: int = 2
   num_heads: int = 8
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
 
-  @nn.compact
+  def setup(self):
+    self.layers = [
+        TwoWayAttentionBlock(self.embedding_dim, self.num_heads, self.mlp_dim,
+                             self.attention_downsample_rate, skip_first_layer_pe=i == 0)
+        for i in range(self.depth)]
+    self.final_attn_token_to_image = Attention(self.embedding_dim, self.num_heads,
+                                               self.attention_downsample_rate)
+    self.norm_final_attn = layer_norm(_EPS, None)
+
+  def image_heads(self, image_embedding: jax.Array, image_pe: jax.Array) -> Dict[str, Heads]:
+    """The first layer's projections of the image alone (`TwoWayAttentionBlock.image_heads`)."""
+    return self.layers[0].image_heads(_flatten(image_embedding), _flatten(image_pe))
+
   def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-               point_embedding: jax.Array, token_mask: Optional[jax.Array] = None
-               ) -> Tuple[jax.Array, jax.Array]:
+               point_embedding: jax.Array, token_mask: Optional[jax.Array] = None,
+               image_heads: Optional[Dict[str, Heads]] = None,
+               num_outputs: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
     """image_embedding, image_pe: (..., h, w, C); point_embedding: (..., T, C).
 
-    Leading dimensions broadcast. Returns the processed tokens (..., T, C)
-    and image keys (..., h*w, C).
+    Leading dimensions broadcast. `image_heads`: `self.image_heads` of these
+    image inputs, kept from an earlier call. `num_outputs`: only the first
+    this many tokens are returned, and only they go through the final
+    attention (each token's is its own; the decoder reads only its output
+    tokens). Returns the processed tokens (..., T or num_outputs, C) and
+    image keys (..., h*w, C).
     """
-    keys = image_embedding.reshape(*image_embedding.shape[:-3], -1, image_embedding.shape[-1])
-    key_pe = image_pe.reshape(*image_pe.shape[:-3], -1, image_pe.shape[-1])
+    keys, key_pe = _flatten(image_embedding), _flatten(image_pe)
     queries = point_embedding
-    for i in range(self.depth):
-      queries, keys = TwoWayAttentionBlock(
-          self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-          skip_first_layer_pe=i == 0, name=f"layers_{i}")(
-              queries, keys, point_embedding, key_pe, token_mask)
-    q, k = queries + point_embedding, keys + key_pe
-    queries = queries + Attention(self.num_heads, self.attention_downsample_rate,
-                                  name="final_attn_token_to_image")(q, k, keys)
-    return layer_norm(_EPS, "norm_final_attn")(queries), keys
+    for i, layer in enumerate(self.layers):
+      queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask,
+                            image_heads if i == 0 else None)
+    queries, query_pe = queries[..., :num_outputs, :], point_embedding[..., :num_outputs, :]
+    queries = queries + self.final_attn_token_to_image(queries + query_pe, keys + key_pe, keys)
+    return self.norm_final_attn(queries), keys
+
+
+def _flatten(image: jax.Array) -> jax.Array:
+  """(..., h, w, C) -> (..., h*w, C)."""
+  return image.reshape(*image.shape[:-3], -1, image.shape[-1])
