@@ -138,10 +138,14 @@ def test_point_counts_share_one_compilation(predictors, chelsea_set):
   ours.predict(rng.uniform(0, 300, (5, 2)), np.ones(5))  # the 8-point bucket
   assert TRACE_COUNTS["decode"] == traces + 1
   assert [bucket(n, 4) for n in (1, 4, 5, 9)] == [4, 4, 8, 16]
-  # Another image size compiles the upscaling again, not the decoder.
+  # Another image size compiles the upscaling again, not the decoder nor the
+  # image cache (embeddings always have the padded input's size).
+  caches = TRACE_COUNTS["cache"]
+  assert caches >= 1  # set_image made one
   ours.set_image(np.ascontiguousarray(chelsea_set[:200, :120]))
   upscales = TRACE_COUNTS["upscale"]
   assert ours.predict(np.array([[10, 10]]), np.ones(1))[0].shape == (3, 200, 120)
+  assert TRACE_COUNTS["cache"] == caches
   assert TRACE_COUNTS["decode"] == traces + 1
   assert TRACE_COUNTS["upscale"] == upscales + 1
 
