@@ -54,8 +54,8 @@ class Sam(nn.Module):
     A caller that decodes prompts on one image again and again keeps it and
     passes it to `decode`: the positional encoding's sines (about 6 ms on a
     2-core CPU), the no-mask embedding's sum and the transformer's first
-    projections of the image are then not redone (about a fifth of a
-    one-prompt decode).
+    projections of the image are then not redone (BENCHMARKS.md, "the image
+    cache").
     """
     no_mask = self.prompt_encoder.no_mask_embed.embedding[0]
     return self.mask_decoder.cache_image(image_embeddings, self.prompt_encoder.get_dense_pe(),
