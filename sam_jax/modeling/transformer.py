@@ -55,6 +55,11 @@ def _tokens(x: Side) -> int:
   return (x.x if isinstance(x, Heads) else x).shape[-2]
 
 
+def _kept_in_c(q: Side, k: Side, v: Side) -> Dict[str, Side]:
+  """The side each folding order keeps in C, which therefore must come unprojected."""
+  return {"fold_wk": k, "fold_wq": q, "fold_wv": v}
+
+
 def _batch_shape(x: Side) -> Tuple[int, ...]:
   return x.x.shape[:-3] if isinstance(x, Heads) else x.shape[:-2]
 
@@ -131,11 +136,9 @@ class Attention(nn.Module):
         "fold_wv": every_pair_in_c + 2 * bo * nq * c * i,
         "fold_wo": project(v, bv, nk) + bv * nk * i * c + every_pair_in_c,
     }
-    # An order that keeps a side in C needs that side unprojected.
-    for x, order, costs in ((k, "fold_wk", scores), (q, "fold_wq", scores),
-                            (v, "fold_wv", output)):
-      if isinstance(x, Heads):
-        del costs[order]
+    for order, side in _kept_in_c(q, k, v).items():
+      if isinstance(side, Heads):
+        (scores if order in scores else output).pop(order)
     return min(scores, key=scores.get), min(output, key=output.get)
 
   def __call__(self, q: Side, k: Side, v: Side, key_mask: Optional[jax.Array] = None,
@@ -145,9 +148,8 @@ class Attention(nn.Module):
     if scores_order not in SCORES or output_order not in OUTPUTS:
       raise ValueError(f"contraction must be a (scores, output) pair from {SCORES} and "
                        f"{OUTPUTS}, got {contraction!r}.")
-    needs_raw = {"fold_wk": k, "fold_wq": q, "fold_wv": v}
     for order in (scores_order, output_order):
-      if isinstance(needs_raw.get(order), Heads):
+      if isinstance(_kept_in_c(q, k, v).get(order), Heads):
         raise ValueError(f"The {order!r} order needs that side unprojected, not Heads.")
     wq, bq = self.q_proj()
     wk, _ = self.k_proj()
