@@ -32,7 +32,11 @@ def tiny_model(image_size: int = 128) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  """`arg` 'quick' is the same run cut at step 400 (no export), for the test."""
+  """`arg` 'quick': the test's shortened run (400 steps, 3 prompt rounds in place of 11, no export).
+
+  A step of 11 rounds takes three times one of 3 (0.47 s against 0.15 s on 2
+  CPU cores); the test asks only that the model learns, which 3 rounds show.
+  """
   quick = arg == "quick"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -53,6 +57,8 @@ def get_config(arg=None):
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
 
   common.paper_prompts_and_loss(c, box_noise_max_px=20.0 * 128 / 1024)  # scaled to 128 px
+  if quick:
+    c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
   c.optim = dict(lr=2e-3, warmup_steps=20, decay_steps=(500,),
                  decay_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0)

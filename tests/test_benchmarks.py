@@ -12,6 +12,9 @@ from benchmarks import run
 from benchmarks.seed_attention import SeedAttention, seed_attention
 from sam_jax.modeling import image_encoder as ie
 
+# Timings are recorded, never checked: compiled without XLA's optimisations.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

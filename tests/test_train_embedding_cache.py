@@ -11,14 +11,7 @@ from sam_jax.train import demo_data, embedding_cache, tensorboard, trainer
 from tests.test_train_loop import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-  """These tests compare runs, not speeds: without XLA's optimisations compiling the
-  steps takes a third of the time."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def small_config(tmp_path):

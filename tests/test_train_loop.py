@@ -12,6 +12,8 @@ from configs import demo
 from sam_jax.checkpoint import load_sam
 from sam_jax.train import trainer
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def tiny_config():
   """A model of a few thousand parameters on 64-pixel images; no evaluation."""
@@ -81,17 +83,47 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
                exported, jax.device_get(full["state"]["params"]))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = tiny_config()
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  config = tiny_config()  # the resume test's program: one compilation serves both
   config.total_steps, config.checkpoint_every = 5, 1
-  # An infinite lr after the first updates: the parameters stop being finite.
-  config.optim.update(dict(warmup_steps=1, decay_steps=(3,), decay_factor=float("inf")))
-  with pytest.raises(trainer.NonFiniteLossError, match=r"last good checkpoint is step (\d)") as e:
+  clean = trainer.data_lib.train_batches
+
+  def corrupt_third(*args, **kwargs):
+    """The data with NaN pixels in the third batch, as a broken image would give."""
+    batches = clean(*args, **kwargs)
+    try:
+      for step, batch in enumerate(batches, start=1):
+        if step == 3:
+          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        yield batch
+    finally:
+      batches.close()
+
+  monkeypatch.setattr(trainer.data_lib, "train_batches", corrupt_third)
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"The loss and param_norm became nan at step 3;.* last good checkpoint is step 2\."):
     trainer.train_and_evaluate(config, str(tmp_path))
-  last = int(e.value.args[0].split("last good checkpoint is step ")[1][0])
-  bad = int(e.value.args[0].split(" at step ")[1].split(";")[0])
-  assert 1 <= last == bad - 1
   mgr = trainer.checkpoint_manager(str(tmp_path), config)
-  assert mgr.all_steps() == list(range(1, last + 1))[-config.keep_checkpoints:]
-  state, _ = trainer.restore_checkpoint(mgr, trainer.Trainer(config), last)
+  assert mgr.all_steps() == [1, 2][-config.keep_checkpoints:]
+  state, _ = trainer.restore_checkpoint(mgr, trainer.Trainer(config), 2)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+class _Manager:
+  """What `_check_finite` asks of a checkpoint manager."""
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return 7
+
+
+def test_non_finite_parameters_stop_the_run_even_with_a_finite_loss():
+  good = dict(loss=np.float32(0.5), param_norm=np.float32(3.0))
+  assert [s for s, _ in trainer._check_finite([(8, good)], _Manager())] == [8]
+  # An overflowing update: the loss (computed before it) is finite, the new parameters are not.
+  bad = dict(loss=np.float32(0.5), param_norm=np.float32(np.inf))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"param_norm became inf at step 9;.* last good checkpoint is step 7\."):
+    trainer._check_finite([(8, good), (9, bad)], _Manager())

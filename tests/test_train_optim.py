@@ -3,11 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sam_jax.build import build_sam
 from sam_jax.checkpoint import abstract_params
 from sam_jax.train import optim
 from tests.test_train_loop import tiny_config
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _setup(freeze, layer_decay=0.5):

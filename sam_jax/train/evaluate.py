@@ -62,11 +62,15 @@ def evaluate(model: Sam, params, examples: Dict[str, np.ndarray], num_clicks: in
   and `masks_1point` (predicted boolean masks, for pictures).
   """
   results = dict(pred_1point=[], pred_box=[], clicks=[])
-  for start in range(0, len(examples["images"]), batch_size):
+  n = len(examples["images"])
+  batch_size = min(batch_size, n)
+  for start in range(0, n, batch_size):
     part = {k: v[start:start + batch_size] for k, v in examples.items()}
-    r = _evaluate_batch(model, params, part, num_clicks)
-    for k in results:
-      results[k].append(r[k])
+    r = _evaluate_batch(model, params, _pad_batch(part, batch_size), num_clicks)
+    real = len(part["images"])
+    results["pred_1point"].append(r["pred_1point"][:real])
+    results["pred_box"].append(r["pred_box"][:real])
+    results["clicks"].append(r["clicks"][:, :real])
   gt, valid = examples["masks"].astype(bool), examples["valid"]
   pred1 = np.concatenate(results["pred_1point"])
   clicks = np.concatenate(results["clicks"], axis=1)
@@ -74,6 +78,15 @@ def evaluate(model: Sam, params, examples: Dict[str, np.ndarray], num_clicks: in
               miou_box=_miou(np.concatenate(results["pred_box"]), gt, valid),
               miou_clicks=[_miou(c, gt, valid) for c in clicks],
               masks_1point=pred1, num_masks=int(valid.sum()))
+
+
+def _pad_batch(part: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+  """A short last batch filled up with invalid zero examples: one compilation for all batches."""
+  missing = size - len(part["images"])
+  if not missing:
+    return part
+  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+          for k, v in part.items()}
 
 
 def _evaluate_batch(model, params, ex, num_clicks):

@@ -214,16 +214,15 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
     data_step = meta["data_step"]
   else:
     start, data_step = 0, 0
-    params = initial_params(config, trainer.model)
+    state = trainer.init_state(initial_params(config, trainer.model))
     if eval_src is not None and config.eval.get("before_training", True):
-      res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
+      # The state's parameters, placed as after training: the evaluation compiles once.
+      res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
       summary["untrained"] = {k: v for k, v in res.items() if k != "masks_1point"}
       if jax.process_index() == 0:
         np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
       print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
             f"box mIoU {res['miou_box']:.3f}", flush=True)
-    state = trainer.init_state(params)
-    del params
 
   if config.get("cache_embeddings"):
     cache = embedding_cache.open_or_build(
