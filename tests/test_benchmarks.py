@@ -125,3 +125,14 @@ def test_fast_attention_matches_seed(use_rel_pos, query_chunk):
   for g, w in zip(jax.tree.leaves(jax.grad(loss(fast))(params)),
                   jax.tree.leaves(jax.grad(loss(seed))(params))):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_profile_predict_reports_every_part(capsys):
+  from benchmarks import profile_predict
+  assert profile_predict.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",
+                               "--top", "3"]) == 0
+  out = capsys.readouterr().out
+  assert "predict " in out and "decode " in out and "upscale " in out
+  assert "jit_decode: span" in out and "jit_upscale: span" in out
+  assert out.count("\n  ") == 3  # the three largest operations
+  assert "GFLOP/s" in out

@@ -96,9 +96,10 @@ def test_batch_of_images_and_prompts(small):
   images = jnp.asarray(rng.uniform(0, 255, (2, 256, 256, 3)).astype(np.float32))
   coords = jnp.asarray(rng.uniform(0, 256, (2, 3, 4, 2)).astype(np.float32))
   labels = jnp.asarray(rng.randint(0, 2, (2, 3, 4)))
+  apply = jax.jit(model.apply)  # op by op, these three calls made one of the slowest tests
   v = {"params": params}
-  logits, iou = model.apply(v, images, coords, labels)
+  logits, iou = apply(v, images, coords, labels)
   for i in range(2):
-    one, one_iou = model.apply(v, images[i:i + 1], coords[i:i + 1], labels[i:i + 1])
+    one, one_iou = apply(v, images[i:i + 1], coords[i:i + 1], labels[i:i + 1])
     np.testing.assert_allclose(logits[i], one[0], atol=1e-4)
     np.testing.assert_allclose(iou[i], one_iou[0], atol=1e-5)
