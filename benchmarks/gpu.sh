@@ -32,6 +32,10 @@ step() {  # step NAME LIMIT_S ARGS...: one benchmark process, unless past the de
   step train_vit_h_bf16 150 --only train --variants vit_h --dtype bfloat16 --train-batch 4 --repeats 3
   step train_vit_h_bf16_b1 150 --only train --variants vit_h --dtype bfloat16 --train-batch 1 --repeats 3
   step train_vit_b_bf16 120 --only train --variants vit_b --dtype bfloat16 --train-batch 4 --repeats 3
+  # The largest per-device batch: XLA's compiled memory at 8, 16, ... against
+  # 95% of the card (JAX's allocator stops at 75% unless told), then one step.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_vit_h_bf16_max 300 --only train --variants vit_h \
+    --dtype bfloat16 --train-batch 4 --train-batch-max 64 --repeats 2
   step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --repeats 3
   step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
   step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5

@@ -52,16 +52,22 @@ def train_table(rows: List[Dict[str, Any]]) -> str:
   if not rows:
     return ""
   lines = ["| variant | dtype | batch per device | masks per image | step (ms) | images/s "
-           "| model TFLOP per step | model TFLOP/s | MFU | peak memory (GB) | first step (s) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| model TFLOP per step | model TFLOP/s | MFU | peak memory (GB) | XLA's memory (GB) "
+           "| largest batch per device that fits | first step (s) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
   for r in rows:
     j = r["sam_jax"]
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    largest = "not searched"
+    if "batch_search" in r:
+      tried = ", ".join(f"{t['batch_per_device']}: {t['compiled_memory_gb']:.3g}"
+                        for t in r["batch_search"])
+      largest = f"{r['largest_batch_per_device']} in {r['memory_limit_gb']} GB ({tried} GB)"
     lines.append(
         f"| {r['variant']} | {r['dtype']} | {r['batch_per_device']} | {r['masks_per_image']} "
         f"| {_ms(j['median_s'])} | {j['rate']:.3g} | {r['model_tflop_per_step']:.3g} "
         f"| {r['model_tflop_per_s']:.3g} | {mfu} | {r['device_peak_memory_gb']} "
-        f"| {j['first_call_s']:.1f} |")
+        f"| {r.get('compiled_memory_gb', 'n/a')} | {largest} | {j['first_call_s']:.1f} |")
   return "\n".join(lines)
 
 

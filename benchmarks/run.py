@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -310,10 +310,71 @@ def _synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int 
               masks=masks, valid=np.ones((batch, max_masks), bool))
 
 
+def _peak_memory_gb() -> Optional[float]:
+  stats = jax.devices()[0].memory_stats() or {}
+  return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
+
+
+def _step_memory_gb(trainer, batch, batch_per_device: int) -> float:
+  """Device memory of one training step per XLA's compiled program: arguments,
+  outputs not donated into them, and temporaries (activations kept for the
+  backward pass, workspace), per device."""
+  shapes = {k: jax.ShapeDtypeStruct((batch_per_device * jax.device_count(), *v.shape[1:]),
+                                    v.dtype) for k, v in batch.items()}
+  m = trainer.compile_step(shapes).memory_analysis()
+  used = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+  return round(used / 2**30, 3)
+
+
+def largest_fitting(memory_gb: Callable[[int], float], start: int, most: int,
+                    limit_gb: float) -> Tuple[Optional[int], List[Dict[str, Any]]]:
+  """The largest of start, 2 start, 4 start, ... <= `most` whose `memory_gb` fits in
+  `limit_gb` (None if `start` does not), and every size tried. Stops at the
+  first that does not fit: memory grows with the batch."""
+  tried, best, b = [], None, start
+  while b <= most:
+    gb = memory_gb(b)
+    tried.append(dict(batch_per_device=b, compiled_memory_gb=gb, fits=gb <= limit_gb))
+    if gb > limit_gb:
+      break
+    best, b = b, 2 * b
+  return best, tried
+
+
+def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
+  """The batch search: compiled, not run, at each size; then two timed steps at
+  the largest that fits, which show that it does."""
+  limit_gb = args.memory_limit_gb or jax.devices()[0].memory_stats()["bytes_limit"] / 2**30
+
+  def memory_gb(b):
+    gb = _step_memory_gb(trainer, batch, b)
+    print(f"# batch search: {b} per device, {gb} GB of {limit_gb:.3g}", flush=True)  # if cut off
+    return gb
+
+  best, tried = largest_fitting(memory_gb, args.train_batch, args.train_batch_max, limit_gb)
+  out = dict(memory_limit_gb=round(limit_gb, 2), batch_search=tried,
+             largest_batch_per_device=best)
+  if best is not None and best > args.train_batch:
+    big = _synthetic_batch(best * jax.device_count(), trainer.model.image_size,
+                           batch["masks"].shape[-2:], args.train_masks)
+    times = []
+    for _ in range(2):  # compiled by the search; the first also allocates the larger buffers
+      t = time.perf_counter()
+      state, metrics = trainer.train_step(state, big)
+      jax.block_until_ready(metrics["loss"])
+      times.append(time.perf_counter() - t)
+    out["largest_batch_step"] = dict(times_s=times, rate=best * jax.device_count() / min(times),
+                                     loss=float(metrics["loss"]),
+                                     device_peak_memory_gb=_peak_memory_gb())
+  return out
+
+
 def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
   """One step of the paper's recipe (configs/pretrain.py) on synthetic data:
-  step time, images/s, model FLOPs and MFU, device memory. No reference: Meta
-  released no training code."""
+  step time, images/s, model FLOPs and MFU, device memory measured and as XLA
+  compiled it, and with --train-batch-max the largest batch that fits. No
+  reference: Meta released no training code."""
   from configs import pretrain
   from sam_jax.checkpoint import init_params
   from sam_jax.train import flops, recipe
@@ -352,7 +413,6 @@ def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
     times.append(time.perf_counter() - t)
   median = float(np.median(times))
   peak = flops.peak_flops(jax.devices()[0].device_kind, args.dtype)
-  stats = jax.devices()[0].memory_stats() or {}
   row = dict(bench="train", metric="images/s", variant=variant, dtype=args.dtype,
              image_size=list(trainer.model.image_size), batch_per_device=args.train_batch,
              devices=jax.device_count(), masks_per_image=args.train_masks,
@@ -361,12 +421,17 @@ def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
              sam_jax=dict(first_call_s=first_s, times_s=times, median_s=median,
                           min_s=min(times), rate=cfg.batch_size / median,
                           loss=float(metrics["loss"])),
+             model_parameters=sum(x.size for x in jax.tree.leaves(trainer.abstract_params)),
              model_tflop_per_step=model_flops / 1e12,
              model_tflop_per_s=model_flops / median / 1e12,
              peak_tflop_per_s=peak / 1e12 if peak else None,
              mfu=model_flops / median / (peak * jax.device_count()) if peak else None,
-             device_peak_memory_gb=(round(stats["peak_bytes_in_use"] / 2**30, 2)
-                                    if "peak_bytes_in_use" in stats else None))
+             device_peak_memory_gb=_peak_memory_gb(),
+             # XLA's account at the timed batch, beside the measured peak: how
+             # far the estimates of the batch search below can be trusted.
+             compiled_memory_gb=_step_memory_gb(trainer, batch, args.train_batch))
+  if args.train_batch_max:
+    row.update(_largest_batch(trainer, state, batch, args))
   return [row]
 
 
@@ -390,6 +455,11 @@ def parse_args(argv=None):
                       "plus cudnn on GPUs)")
   p.add_argument("--train-batch", type=int, default=None, help="training images per device")
   p.add_argument("--train-masks", type=int, default=None, help="masks per training image")
+  p.add_argument("--train-batch-max", type=int, default=None,
+                 help="also find the largest per-device batch that fits: doubling "
+                      "--train-batch up to this, compiled only, then one step at the largest")
+  p.add_argument("--memory-limit-gb", type=float, default=None,
+                 help="device memory for the batch search (default: the device's own limit)")
   p.add_argument("--no-remat", dest="remat", action="store_false",
                  help="train without rematerialising the encoder blocks")
   p.add_argument("--prompts", default="1,16,64", help="prompts per image for the decoder")
@@ -419,6 +489,10 @@ def parse_args(argv=None):
   args.attention_impls = (args.attention_impls.split(",") if args.attention_impls else
                           ["xla", "cudnn"] if gpu and args.dtype != "float32" else ["xla"])
   args.train_batch = args.train_batch or (2 if args.quick else 4)
+  if (args.train_batch_max and not args.memory_limit_gb
+      and "bytes_limit" not in (jax.devices()[0].memory_stats() or {})):
+    p.error(f"--train-batch-max: {jax.devices()[0].device_kind} reports no memory limit; "
+            "give one with --memory-limit-gb")
   args.train_masks = args.train_masks or (2 if args.quick else 64)
   if args.seed_attention and (gpu or args.dtype != "float32"):
     args.seed_attention = False  # the before/after row is a CPU float32 one
@@ -458,7 +532,10 @@ def format_row(row: Dict[str, Any]) -> str:
     mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
     return (f"{row['bench']:9s} {row['variant']:6s} {what:30s} sam_jax {j['median_s']*1e3:10.1f} ms"
             f"  {j['rate']:.2f} images/s  {row['model_tflop_per_s']:.1f} TFLOP/s  MFU {mfu}"
-            f"  peak memory {row['device_peak_memory_gb']} GB  first step {j['first_call_s']:.1f}s")
+            f"  peak memory {row['device_peak_memory_gb']} GB (XLA's {row['compiled_memory_gb']} GB)"
+            f"  first step {j['first_call_s']:.1f}s"
+            + (f"  largest batch {row['largest_batch_per_device']} in {row['memory_limit_gb']} GB"
+               if "batch_search" in row else ""))
   return (f"{row['bench']:9s} {row['variant']:6s} {what:30s} sam_jax {j['median_s']*1e3:10.2f} ms"
           f"  reference {r['median_s']*1e3:10.2f} ms  speedup {row['speedup']:5.2f}x{extra}")
 

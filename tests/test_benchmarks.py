@@ -86,6 +86,33 @@ def test_train_row(report):
   assert _positive(j["rate"]) and math.isfinite(j["loss"])
   assert _positive(row["model_tflop_per_step"]) and _positive(row["model_tflop_per_s"])
   assert row["mfu"] is None  # no known peak for a CPU: not guessed
+  # XLA's account of the step: at least the parameters and Adam's two moments.
+  assert row["compiled_memory_gb"] * 2**30 > 3 * 4 * row["model_parameters"]
+  assert "batch_search" not in row  # only with --train-batch-max
+
+
+def test_batch_search_doubles_until_the_first_that_does_not_fit():
+  tried = []
+
+  def memory_gb(b):
+    tried.append(b)
+    return 1.0 + 0.5 * b
+
+  assert run.largest_fitting(memory_gb, 2, 64, limit_gb=6.0) == (8, [
+      dict(batch_per_device=2, compiled_memory_gb=2.0, fits=True),
+      dict(batch_per_device=4, compiled_memory_gb=3.0, fits=True),
+      dict(batch_per_device=8, compiled_memory_gb=5.0, fits=True),
+      dict(batch_per_device=16, compiled_memory_gb=9.0, fits=False)])
+  assert tried == [2, 4, 8, 16]
+  assert run.largest_fitting(memory_gb, 2, 4, limit_gb=100)[0] == 4  # capped, all fit
+  best, tried = run.largest_fitting(memory_gb, 16, 64, limit_gb=6.0)
+  assert best is None and len(tried) == 1
+
+
+def test_batch_search_needs_a_memory_limit_on_a_cpu(capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--only", "train", "--train-batch-max", "8"])
+  assert "--memory-limit-gb" in capsys.readouterr().err
 
 
 def test_report_renders_every_row(report, tmp_path, capsys):

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
         return z / np.sqrt(np.prod(x.shape[:-1]))
       return 1 + 0.1 * z if leaf == "scale" else 0.1 * z
 
-    results, live, trainers = {}, {}, {}
+    results, live, trainers, memory = {}, {}, {}, {}
     for name, shape, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                                  ("eight", (2, 2, 2), jax.devices())):
       tr = trainer.Trainer(config, sharding.make_mesh(shape, devices))
@@ -54,6 +54,20 @@ SCRIPT = textwrap.dedent("""
       state, metrics = tr.train_step(state, batch)
       results[name] = jax.device_get((state, metrics))
       live[name], trainers[name] = state, tr
+      # Ahead of time, for the same shapes: the step's own compilation, no other.
+      compiles = []
+      listener = lambda event, secs, **kw: compiles.append(event)  # noqa: E731
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      memory[name] = tr.compile_step(batch).memory_analysis()
+      jax.monitoring.unregister_event_duration_listener(listener)
+      assert "/jax/core/compile/backend_compile_duration" not in compiles, compiles
+    # Per device: the batch is split 4 ways (data x fsdp); the donated state
+    # (parameters, moments) at most 4 ways (fsdp x tensor), small ones replicated.
+    state_bytes = {k: m.alias_size_in_bytes for k, m in memory.items()}
+    batch_bytes = {k: m.argument_size_in_bytes - state_bytes[k] for k, m in memory.items()}
+    assert batch_bytes["eight"] * 4 == batch_bytes["one"], batch_bytes
+    assert 0.25 < state_bytes["eight"] / state_bytes["one"] < 0.5, state_bytes
+    assert all(m.temp_size_in_bytes > 0 for m in memory.values()), memory
     (s1, m1), (s8, m8) = results["one"], results["eight"]
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)

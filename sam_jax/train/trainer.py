@@ -104,17 +104,35 @@ class Trainer:
     new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
     return new, metrics
 
-  def train_step(self, state: State, batch) -> tuple:
-    """One optimizer step; `state` is donated. Jitted with explicit shardings."""
+  def _jitted_step(self, batch):
     if self._step_fn is None:
-      batch_sh = {k: shard_lib.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+      batch_sh = {k: shard_lib.batch_sharding(self.mesh, len(v.shape)) for k, v in batch.items()}
       replicated = shard_lib.NamedSharding(self.mesh, shard_lib.P())
       self._step_fn = jax.jit(self._train_step,
                               in_shardings=(self.state_shardings, batch_sh),
                               out_shardings=(self.state_shardings, replicated),
                               donate_argnums=(0,))
+    return self._step_fn
+
+  def train_step(self, state: State, batch) -> tuple:
+    """One optimizer step; `state` is donated. Jitted with explicit shardings."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
-      return self._step_fn(state, shard_lib.put_batch(batch, self.mesh))
+      return self._jitted_step(batch)(state, shard_lib.put_batch(batch, self.mesh))
+
+  def compile_step(self, batch) -> jax.stages.Compiled:
+    """`train_step` compiled ahead of time for a global batch of these shapes.
+
+    `batch` may hold `jax.ShapeDtypeStruct`s: nothing is allocated, so
+    `.memory_analysis()` of the result tells whether a batch size would fit
+    before trying it. Shapes already stepped on come from the same cache.
+    """
+    # With the shardings that `train_step`'s arrays carry: the two then share
+    # one compilation (without, each would compile the same program again).
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=shard_lib.batch_sharding(self.mesh, len(v.shape)))
+             for k, v in batch.items()}
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+      return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
