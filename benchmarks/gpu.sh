@@ -14,16 +14,20 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 start=$SECONDS
 
-step() {  # step NAME LIMIT_S ARGS...: one benchmark process, unless past the deadline
+limited() {  # limited NAME LIMIT_S COMMAND...: one process, unless past the deadline
   local name=$1 limit=$2; shift 2
   [[ "$only" == "  " || "$only" == *" $name "* ]] || return 0
   local left=$((deadline - (SECONDS - start)))
   if ((left < 30)); then echo "## $name: skipped, ${left}s left"; return; fi
   ((limit > left)) && limit=$left
   echo "## $name (limit ${limit}s, at $((SECONDS - start))s)"
-  timeout -k 5 "$limit" python3 -m benchmarks.run --keep-going --precision tf32 \
-    --out "$out/$name.json" "$@"
+  timeout -k 5 "$limit" "$@"
   echo "## $name: exit $? after $((SECONDS - start))s"
+}
+
+step() {  # step NAME LIMIT_S ARGS...: a benchmarks.run row, results in OUTDIR/NAME.json
+  limited "$1" "$2" python3 -m benchmarks.run --keep-going --precision tf32 \
+    --out "$out/$1.json" "${@:3}"
 }
 
 {
@@ -33,9 +37,12 @@ step() {  # step NAME LIMIT_S ARGS...: one benchmark process, unless past the de
   step train_vit_h_bf16_b1 150 --only train --variants vit_h --dtype bfloat16 --train-batch 1 --repeats 3
   step train_vit_b_bf16 120 --only train --variants vit_b --dtype bfloat16 --train-batch 4 --repeats 3
   # The largest per-device batch: XLA's compiled memory at 8, 16, ... against
-  # 95% of the card (JAX's allocator stops at 75% unless told), then one step.
+  # 95% of the card (JAX's allocator stops at 75% unless told), then two steps.
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_vit_h_bf16_max 300 --only train --variants vit_h \
     --dtype bfloat16 --train-batch 4 --train-batch-max 64 --repeats 2
+  # Where the encoder's time goes, by model part (the log has it).
+  limited profile_enc_vit_h_bf16 120 python3 -m benchmarks.profile_encoder --variant vit_h \
+    --dtype bfloat16 --batch 8
   step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --repeats 3
   step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
   step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5

@@ -12,9 +12,6 @@ Randomised weights, the astronaut photo (512 x 512).
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import tempfile
 
 import jax
@@ -23,16 +20,8 @@ import numpy as np
 
 from benchmarks import timing
 from benchmarks.models import astronaut, paired_models
+from benchmarks.trace import busy_ms, operations
 from sam_jax import predictor as predictor_lib
-
-
-def operations(trace_dir: str):
-  """The profiler's HLO operation events, in time order."""
-  (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-  with gzip.open(path) as f:
-    events = json.load(f)["traceEvents"]
-  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-  return sorted(ops, key=lambda e: e["ts"])
 
 
 def executions(ops):
@@ -44,17 +33,6 @@ def executions(ops):
       runs.append(dict(module=module, ops=[]))
     runs[-1]["ops"].append(e)
   return runs
-
-
-def busy_ms(ops) -> float:
-  intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in ops)
-  total, (start, end) = 0.0, intervals[0]
-  for a, b in intervals[1:]:
-    if a > end:
-      total, start, end = total + end - start, a, b
-    else:
-      end = max(end, b)
-  return (total + end - start) / 1e3
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ One quick run: a 2-block model at 256 x 256, every benchmark, few repeats.
 
 import json
 import math
+import re
 
 import pytest
 
@@ -163,3 +164,62 @@ def test_profile_predict_reports_every_part(capsys):
   assert "jit_decode: span" in out and "jit_upscale: span" in out
   assert out.count("\n  ") == 3  # the three largest operations
   assert "GFLOP/s" in out
+
+
+def test_profile_encoder_splits_the_time_by_model_part(capsys):
+  from benchmarks import profile_encoder
+  assert profile_encoder.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",
+                               "--top", "3"]) == 0
+  out = capsys.readouterr().out
+  parts = {line.rsplit(None, 2)[0].strip(): float(line.split()[-1].rstrip("%"))
+           for line in out.splitlines() if re.match(r"  [a-z]", line)}
+  # The tiny encoder: block 0 windowed, block 1 global.
+  assert {"window attention", "window mlp", "global attention", "global qkv", "patch_embed",
+          "neck"} <= set(parts), out
+  assert sum(parts.values()) == pytest.approx(100, abs=0.5)
+  largest = [line for line in out.splitlines() if re.match(r" +[0-9.]+  ", line)]
+  assert len(largest) == 3, out
+
+
+def test_model_part_reads_the_module_path():
+  from benchmarks.profile_encoder import model_part
+  path = "jit(f)/Sam.embed_images/image_encoder/blocks_{}/{}/dot_general"
+  assert model_part(path.format(7, "attn/qkv"), {7}) == "global qkv"
+  assert model_part(path.format(6, "attn/proj"), {7}) == "window proj"
+  assert model_part(path.format(6, "attn"), {7}) == "window attention"
+  assert model_part(path.format(17, "mlp/lin1"), {7}) == "window mlp"
+  assert model_part("jit(f)/Sam.embed_images/image_encoder/neck_0/conv", {7}) == "neck"
+  assert model_part("", {7}) == "other"
+
+
+def test_product_names_see_inside_fusions():
+  from benchmarks.trace import product_names
+  hlo = "\n".join([
+      '%fused_computation.3 (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {',
+      '  %dot.1 = f32[4,8]{1,0} dot(%p0, %p1), metadata={op_name="f/blocks_0/mlp/lin2/dot"}',
+      '  %dot.2 = f32[4,8]{1,0} dot(%dot.1, %p1), metadata={op_name="f/blocks_1/attn/qkv/dot"}',
+      '  ROOT %add.1 = f32[4,8]{1,0} add(%dot.2, %dot.2), metadata={op_name="f/blocks_1/add"}',
+      '}',
+      'ENTRY %main (a: f32[4,8], b: f32[8,8]) -> f32[4,8] {',
+      '  ROOT %ynn_fusion.3 = f32[4,8]{1,0} fusion(%a, %b), kind=kCustom, '
+      'calls=%fused_computation.3, metadata={op_name="f/blocks_1/add"}',
+      '}'])
+  assert product_names(hlo) == {"ynn_fusion.3": ["f/blocks_0/mlp/lin2/dot",
+                                                 "f/blocks_1/attn/qkv/dot"]}
+
+
+def test_operations_are_the_accelerators_where_there_is_one(tmp_path):
+  import gzip
+
+  from benchmarks.trace import operations
+  meta = [dict(ph="M", name="process_name", pid=pid, args=dict(name=name))
+          for pid, name in ((1, "/host:CPU"), (2, "/device:GPU:0"))]
+  op = lambda pid, ts: dict(ph="X", pid=pid, ts=ts, dur=1.0, name="f",  # noqa: E731
+                            args=dict(hlo_op="fusion.1", hlo_module="jit_f"))
+  (tmp_path / "run").mkdir()
+  with gzip.open(tmp_path / "run" / "host.trace.json.gz", "wt") as f:
+    json.dump(dict(traceEvents=meta + [op(1, 5.0), op(2, 7.0), op(2, 3.0)]), f)
+  assert [(e["pid"], e["ts"]) for e in operations(str(tmp_path))] == [(2, 3.0), (2, 7.0)]
+  with gzip.open(tmp_path / "run" / "host.trace.json.gz", "wt") as f:  # CPU only: the host's
+    json.dump(dict(traceEvents=meta[:1] + [op(1, 5.0)]), f)
+  assert [e["pid"] for e in operations(str(tmp_path))] == [1]
