@@ -134,16 +134,18 @@ def test_seed_attention_swaps_back():
   assert ie.Attention is fast
 
 
-@pytest.mark.parametrize("use_rel_pos,query_chunk", [(True, 50), (True, 0), (False, 16)])
-def test_fast_attention_matches_seed(use_rel_pos, query_chunk):
+@pytest.mark.parametrize("grid,use_rel_pos,query_chunk", [
+    ((9, 13), True, 50), ((9, 13), True, 0), ((9, 13), False, 16),
+    ((3, 5), True, 0)])  # 3 + 5 <= head_dim 8: the bias folded into q k^T, as in windows
+def test_fast_attention_matches_seed(grid, use_rel_pos, query_chunk):
   """The chunked, fused-bias attention equals the materialising one, values and
   gradients, on a non-square grid whose token count no chunk divides."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  x = jnp.asarray(np.random.RandomState(0).randn(2, 9, 13, 32).astype(np.float32))
-  fast = ie.Attention(4, use_rel_pos, (9, 13), query_chunk=query_chunk)
-  seed = SeedAttention(4, use_rel_pos, (9, 13))
+  x = jnp.asarray(np.random.RandomState(0).randn(2, *grid, 32).astype(np.float32))
+  fast = ie.Attention(4, use_rel_pos, grid, query_chunk=query_chunk)
+  seed = SeedAttention(4, use_rel_pos, grid)
   params = fast.init(jax.random.key(0), x)
   params = jax.tree_util.tree_map(
       lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)

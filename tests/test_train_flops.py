@@ -29,6 +29,8 @@ def encoder_flops_by_hand(m, batch: int) -> float:
     seqs, n = (g // side) ** 2, side * side  # windows (one for a global block), their tokens
     total += seqs * heads * (2 * n * n * d * 2)  # q k^T and attn v
     total += seqs * heads * (2 * n * side * d * 2)  # q . R_h and q . R_w (relative positions)
+    if 2 * side <= d:  # ... and their sum folded into q k^T as 2 * side more columns
+      total += seqs * heads * (2 * n * n * 2 * side)  # (image_encoder.fold_rel_pos)
   out = m.prompt_embed_dim
   total += 2 * tokens * c * out + 2 * tokens * 9 * out * out  # neck: 1x1 and 3x3 convs
   return batch * total, batch * patch_embed

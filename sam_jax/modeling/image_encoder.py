@@ -118,7 +118,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[
   few MB stay in cache, which roughly halves a global block's attention time.
   Queries are zero-padded to a whole number of chunks and the padding dropped.
   """
-  b, n, d = q.shape
+  b, n, _ = q.shape
   if not query_chunk or n <= query_chunk:
     return _attend(q, k, v, rel_h, rel_w, k_size)
   n_chunks = -(-n // query_chunk)
@@ -139,7 +139,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[
     return jax.lax.map(one_chunk, (q_head, *rel_head))
 
   out = jax.lax.map(one_head, (split(q), k, v, *rel))
-  return out.reshape(b, n_chunks * query_chunk, d)[:, :n]
+  return out.reshape(b, n_chunks * query_chunk, v.shape[-1])[:, :n]
 
 
 def rel_pos_one_hots(k_size: Tuple[int, int], dtype) -> jax.Array:
@@ -152,26 +152,36 @@ def rel_pos_one_hots(k_size: Tuple[int, int], dtype) -> jax.Array:
   return jnp.asarray(table, dtype)
 
 
+def fold_rel_pos(q: jax.Array, k: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
+                 k_size: Tuple[int, int]) -> Tuple[jax.Array, jax.Array]:
+  """q and k widened so that q k^T includes the decomposed bias, exactly.
+
+  rel_h[i, y] + rel_w[i, x] is the dot product of [rel_h[i], rel_w[i]] with
+  key (y, x)'s one-hot [e_y, e_x]: kh + kw more columns (28 for a 14x14
+  window, 128 for a 64x64 grid) instead of an (N, N) bias. q (B, N, ..., d)
+  and k (B, Nk, ..., d) have their tokens on axis 1.
+  """
+  one_hots = rel_pos_one_hots(k_size, k.dtype)
+  one_hots = jnp.broadcast_to(one_hots.reshape(1, -1, *[1] * (k.ndim - 3), sum(k_size)),
+                              (*k.shape[:-1], sum(k_size)))
+  q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype)], axis=-1)
+  return q, jnp.concatenate([k, one_hots], axis=-1)
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
                     rel_w: Optional[jax.Array], k_size: Tuple[int, int],
                     implementation: str = "cudnn") -> jax.Array:
   """`_attend` through cuDNN's flash attention; q, k, v are (B, N, heads, d), q scaled.
 
-  Flash attention takes no decomposed bias, and a materialised one is
-  (heads, N, N) per image. But rel_h[i, y] + rel_w[i, x] is the dot product of
-  [rel_h[i], rel_w[i]] with key (y, x)'s one-hot [e_y, e_x], so appending those
-  to q and k puts the bias inside q k^T exactly: kh + kw more columns (128 for
-  a 64x64 grid) instead of N more (4096). The widened head is zero-padded to a
-  multiple of 8, as cuDNN requires; v is padded to the same width.
-  `implementation` is jax.nn.dot_product_attention's ("xla" checks the fold on CPU).
+  Flash attention takes no bias, and a materialised one is (heads, N, N) per
+  image: the bias goes inside q k^T (`fold_rel_pos`). The widened head is
+  zero-padded to a multiple of 8, as cuDNN requires; v is padded to the same
+  width. `implementation` is jax.nn.dot_product_attention's ("xla" checks the
+  fold on CPU).
   """
   d = q.shape[-1]
   if rel_h is not None:
-    b, n, heads, _ = q.shape
-    one_hots = jnp.broadcast_to(rel_pos_one_hots(k_size, k.dtype)[None, :, None, :],
-                                (b, n, heads, sum(k_size)))
-    q = jnp.concatenate([q, rel_h.astype(q.dtype), rel_w.astype(q.dtype)], axis=-1)
-    k = jnp.concatenate([k, one_hots], axis=-1)
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
   width = -(-q.shape[-1] // 8) * 8
   pad = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),))  # noqa: E731
   out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=1.0,
@@ -235,6 +245,13 @@ class Attention(nn.Module):
     if implementation == "cudnn":
       x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
     else:
+      if rel_h is not None and sum((h, w)) <= head_dim:
+        # Windows: the bias as kh + kw more columns of one product (at most
+        # doubling it) rather than added in the softmax's fusion. On a CPU
+        # that halves a vit_b window block's attention; a 64x64 grid's 128
+        # columns cost more than they save.
+        q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
+        rel_h = rel_w = None
       chunk = self.query_chunk if jax.default_backend() == "cpu" else 0
       x = chunked_attention(q, k, v, rel_h, rel_w, (h, w), chunk)
       x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
