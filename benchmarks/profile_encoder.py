@@ -7,7 +7,8 @@ Prints the call's median time, then, over `--calls` profiled calls: the
 operations' busy time, split by the part of the model each comes from (read
 from its HLO metadata: the global and the windowed blocks' qkv, attention,
 proj, MLP and norms, the patch embedding, the neck; a fusion of several
-parts' products is named after all of them), and the largest operations. Randomised weights; sam_jax alone (`benchmarks.run` compares).
+parts' products is named after all of them), and the largest operations.
+Randomised weights; sam_jax alone (`benchmarks.run` compares).
 """
 
 import argparse

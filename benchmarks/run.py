@@ -457,7 +457,7 @@ def parse_args(argv=None):
   p.add_argument("--train-masks", type=int, default=None, help="masks per training image")
   p.add_argument("--train-batch-max", type=int, default=None,
                  help="also find the largest per-device batch that fits: doubling "
-                      "--train-batch up to this, compiled only, then one step at the largest")
+                      "--train-batch up to this, compiled only, then two steps at the largest")
   p.add_argument("--memory-limit-gb", type=float, default=None,
                  help="device memory for the batch search (default: the device's own limit)")
   p.add_argument("--no-remat", dest="remat", action="store_false",
@@ -532,7 +532,8 @@ def format_row(row: Dict[str, Any]) -> str:
     mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
     return (f"{row['bench']:9s} {row['variant']:6s} {what:30s} sam_jax {j['median_s']*1e3:10.1f} ms"
             f"  {j['rate']:.2f} images/s  {row['model_tflop_per_s']:.1f} TFLOP/s  MFU {mfu}"
-            f"  peak memory {row['device_peak_memory_gb']} GB (XLA's {row['compiled_memory_gb']} GB)"
+            f"  peak memory {row['device_peak_memory_gb']} GB"
+            f" (XLA's {row['compiled_memory_gb']} GB)"
             f"  first step {j['first_call_s']:.1f}s"
             + (f"  largest batch {row['largest_batch_per_device']} in {row['memory_limit_gb']} GB"
                if "batch_search" in row else ""))
