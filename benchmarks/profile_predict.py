@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   coords, labels, boxes, masks = predictor._stack_padded([prompts])
 
   def decode():
-    return predictor_lib.decode(model, predictor.params, predictor.cache, predictor.features,
+    return predictor_lib.decode(model, predictor.prompt_params, predictor.cache, predictor.features,
                                 coords, labels, boxes, masks, multimask_output=True)
 
   low_res, _ = decode()

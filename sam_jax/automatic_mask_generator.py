@@ -198,7 +198,7 @@ class SamAutomaticMaskGenerator:
     resized = self.predictor.transform.apply_coords(points, crop_size)
     padded = np.zeros((batch, 2), np.float32)
     padded[:n] = resized
-    low_res, iou = decode_points(self.model, self.predictor.params, self.predictor.cache,
+    low_res, iou = decode_points(self.model, self.predictor.prompt_params, self.predictor.cache,
                                  self.predictor.features, jnp.asarray(padded))
     thresholds = jnp.array([self.pred_iou_thresh, self.stability_score_thresh,
                             self.stability_score_offset], jnp.float32)

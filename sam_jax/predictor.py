@@ -24,6 +24,7 @@ from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
 from sam_jax.transforms import ResizeLongestSide, check_image
 
 VALID_LABELS = (-1, 0, 1)  # not-a-point, background, foreground
+PROMPT_SIDE = ("prompt_encoder", "mask_decoder")  # the parameters `Sam.decode` reads
 
 
 class ImageNotSetError(ValueError, RuntimeError):
@@ -109,6 +110,10 @@ class SamPredictor:
     self.mesh = mesh
     # On the device once: host (NumPy) parameters would be copied at every call.
     self.params = jax.device_put(params, None if mesh is None else NamedSharding(mesh, P()))
+    # What the calls after the encoder read. A jitted call flattens every array
+    # it is passed, and the encoder's are most of them: 0.27 against 0.11 ms
+    # per call with vit_b's, 0.51 against 0.12 with vit_h's (BENCHMARKS.md).
+    self.prompt_params = {k: self.params[k] for k in PROMPT_SIDE}
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
     self.min_point_bucket = min_point_bucket
@@ -159,7 +164,7 @@ class SamPredictor:
     self.original_sizes = [tuple(im.shape[:2]) for im in images]
     self.input_sizes = [tuple(im.shape[:2]) for im in batch]
     self.features = self._embed(self.pad_images(batch))
-    self.cache = cache_image(self.model, self.params, self.features)
+    self.cache = cache_image(self.model, self.prompt_params, self.features)
     self.is_image_set = True
 
   def _embed(self, images: np.ndarray) -> jax.Array:
@@ -265,8 +270,8 @@ class SamPredictor:
     prompts = [self._check_prompts(i, **a) for i, a in enumerate(per_image)]
     counts = [p[0] for p in prompts]
     coords, labels, boxes_, masks = self._stack_padded([p[1:] for p in prompts])
-    low_res, iou = decode(self.model, self.params, self.cache, self.features, coords, labels,
-                          boxes_, masks, multimask_output=multimask_output)
+    low_res, iou = decode(self.model, self.prompt_params, self.cache, self.features, coords,
+                          labels, boxes_, masks, multimask_output=multimask_output)
     full = upscale(self.model, low_res, input_sizes=tuple(self.input_sizes),
                    original_sizes=tuple(self.original_sizes), return_logits=return_logits)
     iou, low_res = np.asarray(iou), np.asarray(low_res)
