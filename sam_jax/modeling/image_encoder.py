@@ -245,14 +245,16 @@ class Attention(nn.Module):
     if implementation == "cudnn":
       x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
     else:
-      if rel_h is not None and sum((h, w)) <= head_dim:
+      on_cpu = jax.default_backend() == "cpu"
+      if rel_h is not None and sum((h, w)) <= head_dim and on_cpu:
         # Windows: the bias as kh + kw more columns of one product (at most
         # doubling it) rather than added in the softmax's fusion. On a CPU
         # that halves a vit_b window block's attention core (94 to 43 ms); a
-        # 64x64 grid's 128 columns cost more than they save.
+        # 64x64 grid's 128 columns cost more than they save. Not measured on
+        # an accelerator, where XLA's attention stays as its GPU rows measured.
         q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
         rel_h = rel_w = None
-      chunk = self.query_chunk if jax.default_backend() == "cpu" else 0
+      chunk = self.query_chunk if on_cpu else 0
       x = chunked_attention(q, k, v, rel_h, rel_w, (h, w), chunk)
       x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
