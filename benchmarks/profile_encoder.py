@@ -41,7 +41,7 @@ def model_part(op_name: str, global_blocks) -> str:
   return "other"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--variant", default="vit_b", choices=sorted(SIZES))
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -50,8 +50,11 @@ def main(argv=None) -> int:
   p.add_argument("--attention", default="auto", help="the encoder's attention implementation")
   p.add_argument("--calls", type=int, default=3)
   p.add_argument("--top", type=int, default=15)
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   model = jax_model(args.variant, args.image_size, dtype=args.dtype,
                     **{"image_encoder.attention": args.attention})
   params = jax.device_put(init_params(model, jax.random.key(0)))

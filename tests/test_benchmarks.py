@@ -5,6 +5,7 @@ One quick run: a 2-block model at 256 x 256, every benchmark, few repeats.
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -125,6 +126,33 @@ def test_report_renders_every_row(report, tmp_path, capsys):
   rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
   header_rows = 2  # the comparison table's and the training table's
   assert len(rows) == len(report["results"]) + header_rows, out
+
+
+def test_gpu_script_steps_parse():
+  """Every command of benchmarks/gpu.sh takes its arguments: the GPU is lent
+  for minutes, too few to lose a step to a renamed flag."""
+  import importlib
+  import shlex
+  with open(os.path.join(os.path.dirname(run.__file__), "gpu.sh")) as f:
+    script = f.read().replace("\\\n", " ")
+  names = []
+  for line in script.splitlines():
+    words = shlex.split(line, comments=True)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value before a command
+      words.pop(0)
+    if any("$" in w for w in words):  # the helpers' own bodies
+      continue
+    if words[:1] == ["step"]:
+      args = ["--keep-going", "--precision", "tf32", "--out", "x.json", *words[3:]]
+      if "--train-batch-max" in args:  # a CPU reports no memory limit; a GPU does
+        args += ["--memory-limit-gb", "80"]
+      run.parse_args(args)
+    elif words[:1] == ["limited"] and words[3:5] == ["python3", "-m"]:
+      importlib.import_module(words[5]).parse_args(words[6:])
+    else:
+      continue
+    names.append(words[1])
+  assert len(names) == len(set(names)) >= 10, names
 
 
 def test_seed_attention_swaps_back():
