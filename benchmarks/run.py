@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -250,24 +251,31 @@ def bench_decoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
 
 
 def bench_predict(ref, model, params, variant, args) -> List[Dict[str, Any]]:
-  """SamPredictor.predict for one point (masks at the original size), image set once."""
+  """SamPredictor.predict for one point (masks at the original size), image set once;
+  a row per `--predict-photos` size (the photo resized: the masks are made at it)."""
+  import cv2
   from segment_anything import SamPredictor as RefPredictor
 
   from sam_jax.predictor import SamPredictor
-  image = args.image
   ours, theirs = SamPredictor(model, params), RefPredictor(ref)
-  set_first = {"sam_jax": timing.timed(lambda: ours.set_image(image) or ours.features),
-               "reference": timing.timed(lambda: theirs.set_image(image))}
-  point = np.array([[image.shape[1] * 0.4, image.shape[0] * 0.45]])
-  label = np.array([1])
-  res = timing.interleaved({
-      "sam_jax": lambda: ours.predict(point, label, multimask_output=True),
-      "reference": lambda: theirs.predict(point, label, multimask_output=True),
-  }, args.repeats_predict, warmup=2)
-  for name in res:
-    res[name]["set_image_first_call_s"] = set_first[name]
-  return [_row("predict", "predictions/s", res["sam_jax"], res["reference"], variant=variant,
-               image_hw=list(image.shape[:2]), points=1, multimask_output=True)]
+  rows = []
+  for h, w in args.predict_photos:
+    image = args.image
+    if image.shape[:2] != (h, w):
+      image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    set_first = {"sam_jax": timing.timed(lambda: ours.set_image(image) or ours.features),
+                 "reference": timing.timed(lambda: theirs.set_image(image))}
+    point = np.array([[w * 0.4, h * 0.45]])
+    label = np.array([1])
+    res = timing.interleaved({
+        "sam_jax": lambda: ours.predict(point, label, multimask_output=True),
+        "reference": lambda: theirs.predict(point, label, multimask_output=True),
+    }, args.repeats_predict, warmup=2)
+    for name in res:
+      res[name]["set_image_first_call_s"] = set_first[name]
+    rows.append(_row("predict", "predictions/s", res["sam_jax"], res["reference"],
+                     variant=variant, image_hw=[h, w], points=1, multimask_output=True))
+  return rows
 
 
 def bench_amg(ref, model, params, variant, args) -> List[Dict[str, Any]]:
@@ -463,6 +471,9 @@ def parse_args(argv=None):
   p.add_argument("--no-remat", dest="remat", action="store_false",
                  help="train without rematerialising the encoder blocks")
   p.add_argument("--prompts", default="1,16,64", help="prompts per image for the decoder")
+  p.add_argument("--predict-photos", default="512x512,1500x2250",
+                 help="HxW sizes the photo is resized to for predict, comma-separated; the "
+                      "masks are made at that size (--quick: 512x512 only)")
   p.add_argument("--points-per-side", type=int, default=None,
                  help="AMG grid (the reference's default is 32)")
   p.add_argument("--points-per-batch", type=int, default=64)
@@ -498,6 +509,13 @@ def parse_args(argv=None):
     args.seed_attention = False  # the before/after row is a CPU float32 one
   args.image_size = args.image_size or (256 if args.quick else 1024)
   args.prompts = [int(n) for n in args.prompts.split(",")] if not args.quick else [2]
+  sizes = [re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", s) for s in args.predict_photos.split(",")]
+  if not all(sizes):
+    p.error(f"--predict-photos takes HxW sizes such as 512x512,1500x2250, got "
+            f"{args.predict_photos!r}")
+  args.predict_photos = [(int(m[1]), int(m[2])) for m in sizes]
+  if args.quick:
+    args.predict_photos = args.predict_photos[:1]
   if args.points_per_side is None:
     args.points_per_side = 4 if args.quick else 16
   if args.quick:
@@ -520,7 +538,7 @@ def format_row(row: Dict[str, Any]) -> str:
                              + (" SEED" if "seed" in row["attention"] else ""),
           "attention": lambda: f"{row['block']} {row['mode']} {row['implementation']}",
           "decoder": lambda: f"{row['prompts']} prompts",
-          "predict": lambda: "1 point",
+          "predict": lambda: "1 point, {}x{}".format(*row["image_hw"]),
           "amg": lambda: f"{row['points_per_side']}^2 points",
           "train": lambda: f"batch {row['batch_per_device']} {row['dtype']}"}[row["bench"]]()
   extra = f"  compile {j['compile_s']:.1f}s" if "compile_s" in j else ""

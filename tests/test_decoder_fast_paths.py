@@ -169,7 +169,7 @@ def test_banded_resize_equals_dense_matrix(low, padded, valid, original):
 
 @pytest.mark.parametrize("input_size,original_size", [((128, 96), (300, 225)), ((70, 128), (41, 75))])
 def test_postprocess_read_once_equals_materialised(input_size, original_size):
-  """Both axes banded (the predictor) against rows banded and columns by matmul (the generator)."""
+  """Columns by matmul, then rows banded (the predictor), against the other order (the generator)."""
   model = build_sam(tiny_model(128))
   low_res = jnp.asarray(np.random.RandomState(5).randn(2, 3, 32, 32).astype(np.float32))
   post = lambda once: model.apply(  # noqa: E731

@@ -110,22 +110,29 @@ class Sam(nn.Module):
     The reference upscales bilinearly to the padded input, crops the padding
     away and resizes bilinearly to the original image. All three are linear
     and separable, so each axis is one (H0, 4h) matrix: the same values,
-    without the 1024 x 1024 intermediate, applied as a few gathers per axis
-    (`_apply_banded`). XLA fuses those into the consumer of the result, and
-    into every consumer, recomputing them: a caller that reads the result
-    more than once (the automatic mask generator: threshold, stability
-    score, boxes; 4x slower with gathers on both axes) leaves `read_once`
-    False, and the columns are then a matmul, whose output XLA materialises.
+    without the 1024 x 1024 intermediate. One axis is a matmul, whose output
+    XLA materialises; the other is a few gathers (`_apply_banded`), which XLA
+    fuses into every consumer of the result, recomputing them.
+    - `read_once` (the predictor: a threshold): the columns' matmul at the
+      low resolution, then the rows' gathers, fused into the threshold.
+      Gathers on both axes were fused into one loop that redid the column
+      gathers for each row tap: 3 masks to 1200 x 1800, 21.7 ms against 5.0
+      (BENCHMARKS.md).
+    - Otherwise (the automatic mask generator: threshold, stability score,
+      boxes), the rows' gathers, then the columns' matmul, materialised at
+      the full size for its several readers (64 x 3 masks to 512 x 512,
+      515 ms for the whole filter, against 612 with gathers last).
     """
     def axis(low: int, padded: int, valid: int, original: int) -> np.ndarray:
       return linear_resize_matrix(valid, original) @ linear_resize_matrix(low, padded)[:valid]
     rows = axis(masks.shape[-2], self.image_size[0], input_size[0], original_size[0])
     cols = axis(masks.shape[-1], self.image_size[1], input_size[1], original_size[1])
-    masks = _apply_banded(masks, rows, -2)
+    # Thresholded at 0: full float32 products, no TF32.
+    by_cols = lambda x: jnp.einsum("...Hw,Ww->...HW", x, jnp.asarray(cols),  # noqa: E731
+                                   precision=jax.lax.Precision.HIGHEST)
     if read_once:
-      return _apply_banded(masks, cols, -1)
-    return jnp.einsum("...Hw,Ww->...HW", masks, jnp.asarray(cols),
-                      precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
+      return _apply_banded(by_cols(masks), rows, -2)
+    return by_cols(_apply_banded(masks, rows, -2))
 
 
 def _apply_banded(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
