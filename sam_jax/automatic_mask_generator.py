@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
-from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket
+from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket, upscale
 from sam_jax.transforms import check_image
 from sam_jax.utils import amg
 
@@ -33,27 +33,38 @@ def decode_points(model: Sam, params, cache, embeddings, points):
   return low_res[0], iou[0]
 
 
+# Masks scored per step of `filter_masks`: as many as fit about this many pixels.
+_PIXELS_PER_STEP = 1 << 21
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("input_size", "crop_size"))
 def filter_masks(model: Sam, low_res, iou, valid, crop_box, orig_box, thresholds, input_size,
                  crop_size):
-  """Upscales, scores and thresholds a batch of K x 3 masks; says which to keep.
+  """Scores, boxes and thresholds a batch of K x 3 masks at the crop's size; says which to keep.
 
   thresholds: (pred_iou_thresh, stability_score_thresh, stability_score_offset),
-  traced, so that other settings do not compile again.
+  traced, so that other settings do not compile again. The masks themselves
+  are not returned: the caller upscales the few it keeps again.
   """
   TRACE_COUNTS["amg_filter"] += 1
   pred_iou_thresh, stability_thresh, stability_offset = thresholds
-  logits = model.postprocess_masks(low_res, input_size, crop_size)
-  logits = logits.reshape(-1, *crop_size)
+
+  def score(mask):  # one mask at the crop's size, read by both while it is in cache
+    logits = model.postprocess_masks(mask, input_size, crop_size)
+    return (amg.stability_score(logits, MASK_THRESHOLD, stability_offset),
+            amg.masks_to_boxes(logits > MASK_THRESHOLD))
+
+  # A mask or a few at a time: all K x 3 at once streamed their full-size
+  # logits through memory for each reader, about 2x slower (BENCHMARKS.md).
+  per_step = max(1, _PIXELS_PER_STEP // (crop_size[0] * crop_size[1]))
+  stability, boxes = jax.lax.map(score, low_res.reshape(-1, *low_res.shape[-2:]),
+                                 batch_size=per_step)
   iou = iou.reshape(-1)
   keep = jnp.repeat(valid, low_res.shape[1])
   keep &= jnp.where(pred_iou_thresh > 0, iou > pred_iou_thresh, True)
-  stability = amg.stability_score(logits, MASK_THRESHOLD, stability_offset)
   keep &= jnp.where(stability_thresh > 0, stability >= stability_thresh, True)
-  masks = logits > MASK_THRESHOLD
-  boxes = amg.masks_to_boxes(masks)
   keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
-  return masks, boxes, iou, stability, keep
+  return boxes, iou, stability, keep
 
 
 class SamAutomaticMaskGenerator:
@@ -204,14 +215,21 @@ class SamAutomaticMaskGenerator:
                             self.stability_score_offset], jnp.float32)
     orig_box = jnp.array([0, 0, orig_size[1], orig_size[0]], jnp.float32)
     valid = jnp.asarray(np.arange(batch) < n)
-    masks, boxes, iou, stability, keep = filter_masks(
+    input_size, crop_size = self.predictor.input_size, tuple(crop_size)
+    boxes, iou, stability, keep = filter_masks(
         self.model, low_res, iou, valid, jnp.asarray(crop_box, jnp.float32), orig_box, thresholds,
-        input_size=self.predictor.input_size, crop_size=tuple(crop_size))
+        input_size=input_size, crop_size=crop_size)
     idx = np.flatnonzero(np.asarray(keep))
     n_masks = iou.shape[0] // batch
-    # Fetch only the kept masks; the gather's length is bucketed so that few compile.
-    take = np.pad(idx, (0, bucket(len(idx)) - len(idx)))
-    kept_masks = np.asarray(masks[jnp.asarray(take)])[:len(idx)]
+    kept_masks = np.zeros((0, *crop_size), bool)
+    if len(idx):
+      # Only the kept masks are made at full size; their number is bucketed
+      # so that few compile.
+      take = np.pad(idx, (0, bucket(len(idx)) - len(idx)))
+      kept = low_res.reshape(-1, *low_res.shape[-2:])[jnp.asarray(take)]
+      (full,) = upscale(self.model, kept[None], input_sizes=(input_size,),
+                        original_sizes=(crop_size,))
+      kept_masks = np.asarray(full)[:len(idx)]
     return {
         "rles": [amg.mask_to_rle(_uncrop_mask(m, crop_box, orig_size)) for m in kept_masks],
         "boxes": np.asarray(boxes)[idx].astype(np.int64),

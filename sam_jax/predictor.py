@@ -84,7 +84,7 @@ def upscale(model: Sam, low_res, input_sizes, original_sizes, return_logits=Fals
   TRACE_COUNTS["upscale"] += 1
   full = []
   for b, (input_size, original_size) in enumerate(zip(input_sizes, original_sizes)):
-    up = model.postprocess_masks(low_res[b], input_size, original_size, read_once=True)
+    up = model.postprocess_masks(low_res[b], input_size, original_size)
     full.append(up if return_logits else up > MASK_THRESHOLD)
   return tuple(full)
 

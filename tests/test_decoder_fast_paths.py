@@ -168,12 +168,16 @@ def test_banded_resize_equals_dense_matrix(low, padded, valid, original):
 
 
 @pytest.mark.parametrize("input_size,original_size", [((128, 96), (300, 225)), ((70, 128), (41, 75))])
-def test_postprocess_read_once_equals_materialised(input_size, original_size):
-  """Columns by matmul, then rows banded (the predictor), against the other order (the generator)."""
+def test_postprocess_equals_both_dense_matrices(input_size, original_size):
+  """The columns' matmul, then the rows' gathers: R x C^T in float64, per mask."""
   model = build_sam(tiny_model(128))
-  low_res = jnp.asarray(np.random.RandomState(5).randn(2, 3, 32, 32).astype(np.float32))
-  post = lambda once: model.apply(  # noqa: E731
-      {}, low_res, input_size, original_size, once, method=model.postprocess_masks)
-  got, want = post(True), post(False)
+  low_res = np.random.RandomState(5).randn(2, 3, 32, 40).astype(np.float32)
+  got = model.apply({}, jnp.asarray(low_res), input_size, original_size,
+                    method=model.postprocess_masks)
+  matrix = lambda low, valid, original: (  # noqa: E731
+      linear_resize_matrix(valid, original) @ linear_resize_matrix(low, 128)[:valid])
+  rows, cols = matrix(32, input_size[0], original_size[0]), matrix(40, input_size[1],
+                                                                   original_size[1])
+  want = np.einsum("Hh,...hw,Ww->...HW", rows, low_res.astype(np.float64), cols)
   assert got.shape == want.shape == (2, 3, *original_size)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

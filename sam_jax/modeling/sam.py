@@ -104,35 +104,29 @@ class Sam(nn.Module):
                        mask_inputs, multimask_output)
 
   def postprocess_masks(self, masks: jax.Array, input_size: Tuple[int, int],
-                        original_size: Tuple[int, int], read_once: bool = False) -> jax.Array:
+                        original_size: Tuple[int, int]) -> jax.Array:
     """Low-res logits (..., 4h, 4w) -> logits (..., H0, W0) at the original size.
 
     The reference upscales bilinearly to the padded input, crops the padding
     away and resizes bilinearly to the original image. All three are linear
     and separable, so each axis is one (H0, 4h) matrix: the same values,
-    without the 1024 x 1024 intermediate. One axis is a matmul, whose output
-    XLA materialises; the other is a few gathers (`_apply_banded`), which XLA
-    fuses into every consumer of the result, recomputing them.
-    - `read_once` (the predictor: a threshold): the columns' matmul at the
-      low resolution, then the rows' gathers, fused into the threshold.
-      Gathers on both axes were fused into one loop that redid the column
-      gathers for each row tap: 3 masks to 1200 x 1800, 21.7 ms against 5.0
-      (BENCHMARKS.md).
-    - Otherwise (the automatic mask generator: threshold, stability score,
-      boxes), the rows' gathers, then the columns' matmul, materialised at
-      the full size for its several readers (64 x 3 masks to 512 x 512,
-      515 ms for the whole filter, against 612 with gathers last).
+    without the 1024 x 1024 intermediate. The columns are a matmul at the
+    low resolution, which XLA materialises; the rows a few gathers
+    (`_apply_banded`), which XLA fuses into the consumers of the result.
+    Gathers on both axes were fused into one loop that redid the column
+    gathers for each row tap (3 masks to 1200 x 1800: 21.7 ms, against 5.0),
+    and the rows first made the matmul a full-size one (19.9 ms;
+    BENCHMARKS.md). A caller that reads the result several times does so
+    a mask or a few at a time, while they are in cache (the automatic mask
+    generator's `filter_masks`).
     """
     def axis(low: int, padded: int, valid: int, original: int) -> np.ndarray:
       return linear_resize_matrix(valid, original) @ linear_resize_matrix(low, padded)[:valid]
     rows = axis(masks.shape[-2], self.image_size[0], input_size[0], original_size[0])
     cols = axis(masks.shape[-1], self.image_size[1], input_size[1], original_size[1])
-    # Thresholded at 0: full float32 products, no TF32.
-    by_cols = lambda x: jnp.einsum("...Hw,Ww->...HW", x, jnp.asarray(cols),  # noqa: E731
-                                   precision=jax.lax.Precision.HIGHEST)
-    if read_once:
-      return _apply_banded(by_cols(masks), rows, -2)
-    return by_cols(_apply_banded(masks, rows, -2))
+    masks = jnp.einsum("...hw,Ww->...hW", masks, jnp.asarray(cols),
+                       precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
+    return _apply_banded(masks, rows, -2)
 
 
 def _apply_banded(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
