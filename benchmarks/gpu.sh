@@ -43,7 +43,7 @@ step() {  # step NAME LIMIT_S ARGS...: a benchmarks.run row, results in OUTDIR/N
   # Where the encoder's time goes, by model part (the log has it).
   limited profile_enc_vit_h_bf16 120 python3 -m benchmarks.profile_encoder --variant vit_h \
     --dtype bfloat16 --batch 8
-  step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --repeats 3
+  step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --photos 512x512 --repeats 3
   step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
   step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5
   step attn_vit_h_bf16 90 --only attention --variants vit_h --dtype bfloat16 --batch 8

@@ -250,19 +250,25 @@ def bench_decoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
   return rows
 
 
+def _photos(args):
+  """The photo at each `--photos` size, resized where that is not its own."""
+  import cv2
+  for h, w in args.photos:
+    image = args.image
+    if image.shape[:2] != (h, w):
+      image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    yield h, w, image
+
+
 def bench_predict(ref, model, params, variant, args) -> List[Dict[str, Any]]:
   """SamPredictor.predict for one point (masks at the original size), image set once;
-  a row per `--predict-photos` size (the photo resized: the masks are made at it)."""
-  import cv2
+  a row per `--photos` size."""
   from segment_anything import SamPredictor as RefPredictor
 
   from sam_jax.predictor import SamPredictor
   ours, theirs = SamPredictor(model, params), RefPredictor(ref)
   rows = []
-  for h, w in args.predict_photos:
-    image = args.image
-    if image.shape[:2] != (h, w):
-      image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+  for h, w, image in _photos(args):
     set_first = {"sam_jax": timing.timed(lambda: ours.set_image(image) or ours.features),
                  "reference": timing.timed(lambda: theirs.set_image(image))}
     point = np.array([[w * 0.4, h * 0.45]])
@@ -279,28 +285,30 @@ def bench_predict(ref, model, params, variant, args) -> List[Dict[str, Any]]:
 
 
 def bench_amg(ref, model, params, variant, args) -> List[Dict[str, Any]]:
-  """SamAutomaticMaskGenerator.generate on the photo, encoder included."""
+  """SamAutomaticMaskGenerator.generate on the photo, encoder included; a row per
+  `--photos` size."""
   from segment_anything import SamAutomaticMaskGenerator as RefGenerator
 
   from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
   settings = dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch)
   ours, theirs = SamAutomaticMaskGenerator(model, params, **settings), RefGenerator(ref, **settings)
-  counts = {}
+  rows = []
+  for h, w, image in _photos(args):
+    counts = {}
 
-  def run(name, gen):
-    def go():
-      masks = gen.generate(args.image)
-      counts[name] = len(masks)
-      return None
-    return go
+    def run(name, gen, image=image):
+      def go():
+        counts[name] = len(gen.generate(image))
+      return go
 
-  res = timing.interleaved({"sam_jax": run("sam_jax", ours), "reference": run("reference", theirs)},
-                           args.repeats_amg)
-  for name in res:
-    res[name]["masks"] = counts[name]
-  return [_row("amg", "images/s", res["sam_jax"], res["reference"], variant=variant,
-               image_hw=list(args.image.shape[:2]), **settings,
-               note="other settings are the reference's defaults; randomised weights")]
+    res = timing.interleaved({"sam_jax": run("sam_jax", ours),
+                              "reference": run("reference", theirs)}, args.repeats_amg)
+    for name in res:
+      res[name]["masks"] = counts[name]
+    rows.append(_row("amg", "images/s", res["sam_jax"], res["reference"], variant=variant,
+                     image_hw=[h, w], **settings,
+                     note="other settings are the reference's defaults; randomised weights"))
+  return rows
 
 
 def _synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int = 0):
@@ -471,9 +479,9 @@ def parse_args(argv=None):
   p.add_argument("--no-remat", dest="remat", action="store_false",
                  help="train without rematerialising the encoder blocks")
   p.add_argument("--prompts", default="1,16,64", help="prompts per image for the decoder")
-  p.add_argument("--predict-photos", default="512x512,1500x2250",
-                 help="HxW sizes the photo is resized to for predict, comma-separated; the "
-                      "masks are made at that size (--quick: 512x512 only)")
+  p.add_argument("--photos", default="512x512,1500x2250",
+                 help="HxW sizes the photo is resized to for predict and amg, comma-separated; "
+                      "the masks are made at that size (--quick: the first only)")
   p.add_argument("--points-per-side", type=int, default=None,
                  help="AMG grid (the reference's default is 32)")
   p.add_argument("--points-per-batch", type=int, default=64)
@@ -509,13 +517,12 @@ def parse_args(argv=None):
     args.seed_attention = False  # the before/after row is a CPU float32 one
   args.image_size = args.image_size or (256 if args.quick else 1024)
   args.prompts = [int(n) for n in args.prompts.split(",")] if not args.quick else [2]
-  sizes = [re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", s) for s in args.predict_photos.split(",")]
+  sizes = [re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", s) for s in args.photos.split(",")]
   if not all(sizes):
-    p.error(f"--predict-photos takes HxW sizes such as 512x512,1500x2250, got "
-            f"{args.predict_photos!r}")
-  args.predict_photos = [(int(m[1]), int(m[2])) for m in sizes]
+    p.error(f"--photos takes HxW sizes such as 512x512,1500x2250, got {args.photos!r}")
+  args.photos = [(int(m[1]), int(m[2])) for m in sizes]
   if args.quick:
-    args.predict_photos = args.predict_photos[:1]
+    args.photos = args.photos[:1]
   if args.points_per_side is None:
     args.points_per_side = 4 if args.quick else 16
   if args.quick:

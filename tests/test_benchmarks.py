@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "quick.json"
-  # A photo size other than the astronaut's own 512 x 512: predict's resize too.
-  assert run.main(["--quick", "--predict-photos", "240x320,512x512", "--out", str(out)]) == 0
+  # A photo size other than the astronaut's own 512 x 512: the resize too.
+  assert run.main(["--quick", "--photos", "240x320,512x512", "--out", str(out)]) == 0
   with open(out) as f:
     return json.load(f)
 
@@ -112,16 +112,16 @@ def test_batch_search_doubles_until_the_first_that_does_not_fit():
   assert best is None and len(tried) == 1
 
 
-def test_predict_row_is_at_the_photo_size_asked_for(report):
-  (row,) = [r for r in report["results"] if r["bench"] == "predict"]  # --quick: the first size
-  assert row["image_hw"] == [240, 320]
+def test_photo_rows_are_at_the_size_asked_for(report):
+  for bench in ("predict", "amg"):
+    (row,) = [r for r in report["results"] if r["bench"] == bench]  # --quick: the first size
+    assert row["image_hw"] == [240, 320], bench
 
 
-def test_predict_photos_are_sizes(capsys):
-  assert run.parse_args(["--predict-photos", "480x640,1500x2250"]).predict_photos == [
-      (480, 640), (1500, 2250)]
+def test_photos_are_sizes(capsys):
+  assert run.parse_args(["--photos", "480x640,1500x2250"]).photos == [(480, 640), (1500, 2250)]
   with pytest.raises(SystemExit):
-    run.parse_args(["--predict-photos", "512"])
+    run.parse_args(["--photos", "512"])
   assert "HxW" in capsys.readouterr().err
 
 
