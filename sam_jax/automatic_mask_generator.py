@@ -2,9 +2,10 @@
 
 The reference's algorithm, parameters and records. Each batch of points is
 decoded by one compiled function and upscaled, scored, thresholded, boxed and
-edge-filtered by another, on fixed shapes (the last batch is padded); NMS is
-compiled too. Python only walks crops and batches and encodes the kept masks
-as RLEs with pycocotools.
+edge-filtered by another, a few masks at a time, on fixed shapes (the last
+batch is padded); only the masks kept are made at full size again and
+fetched. NMS is compiled too. Python only walks crops and batches and
+encodes the kept masks as RLEs with pycocotools.
 """
 
 import functools
@@ -34,6 +35,8 @@ def decode_points(model: Sam, params, cache, embeddings, points):
 
 
 # Masks scored per step of `filter_masks`: as many as fit about this many pixels.
+# On a 2-core CPU, 8 masks of 512 x 512 a step beat 1 (250 against 303 ms for
+# 64 x 3 masks); at 1500 x 2250, 1 beat 8 (3.4 against 3.7 s).
 _PIXELS_PER_STEP = 1 << 21
 
 
