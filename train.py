@@ -10,6 +10,9 @@ Several processes (hosts): run the same command on each with `--distributed`,
 which calls `jax.distributed.initialize` (cluster auto-detection on TPU pods,
 SLURM and Open MPI), or with `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` spelled out; WORKDIR must be a directory they all share.
+
+A SIGTERM (a preemption notice) saves a checkpoint and exits with status 75;
+the same command resumes (docs/preemption.md).
 """
 
 from absl import app, flags, logging
@@ -22,6 +25,8 @@ flags.DEFINE_integer("stop_at", None, "Stop after this step (checkpointed), to r
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "eval: 1-point, box and k-click mIoU of WORKDIR/export (or --checkpoint, "
                   "or config.model_init) on the config's held-out data.")
+flags.DEFINE_bool("restart_data_order", False, "Resume with another config.batch_size, reading "
+                  "the data from its start again (else refused).")
 flags.DEFINE_string("checkpoint", None, "For --mode=eval: a sam_jax checkpoint directory.")
 flags.DEFINE_bool("distributed", False, "Multi-process: jax.distributed.initialize() first, "
                   "from the cluster's environment or the three flags below.")
@@ -43,7 +48,7 @@ def main(argv):
   if f.mode == "eval":
     trainer.evaluate_only(f.config, f.workdir, f.checkpoint)
   else:
-    trainer.train_and_evaluate(f.config, f.workdir, f.stop_at)
+    trainer.train_and_evaluate(f.config, f.workdir, f.stop_at, f.restart_data_order)
 
 
 if __name__ == "__main__":

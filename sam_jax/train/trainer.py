@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import demo_data, embedding_cache, flops, optim, recipe
+from sam_jax.train import demo_data, embedding_cache, flops, optim, preemption, recipe
 from sam_jax.train import sharding as shard_lib
 
 State = Dict[str, Any]
@@ -135,14 +135,23 @@ class Trainer:
       return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+  """The trainer asks JAX's preemption sync point itself, at the same calls in every
+  process; Orbax's own asks (from its finalize thread, with older steps) could set the
+  sync point to a step that has passed, and the run would never stop for it."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   pp = ocp.checkpoint_managers.preservation_policy
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every,
       preservation_policy=pp.LatestN(config.keep_checkpoints),
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return _CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                            options=options)
 
 
 def save_checkpoint(mgr, step: int, state: State, meta: dict) -> None:
@@ -193,12 +202,32 @@ def run_eval(trainer: Trainer, params, examples, num_clicks: int):
   return evaluate.evaluate(trainer.model, params, examples, num_clicks)
 
 
-def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> Dict[str, Any]:
+def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
+                       restart_data_order: bool = False) -> Dict[str, Any]:
   """Trains per `config`, evaluates, exports; returns a summary dict.
 
   `stop_at` ends the run early at that step (after checkpointing it), as a
-  preemption would; calling again resumes from the workdir.
+  preemption would; calling again resumes from the workdir. A SIGTERM saves the
+  step in progress and raises `preemption.Preempted` (exit status 75).
+  `restart_data_order` lets a resumed run change the global batch size, reading
+  the data from its start again (else refused: the data position would be wrong).
   """
+  with preemption.Notice() as notice:
+    return _train_and_evaluate(config, workdir, stop_at, restart_data_order, notice)
+
+
+def _restore_report(meta: dict, trainer: "Trainer") -> str:
+  """What was restored onto what: the saver's processes and mesh, and this run's."""
+  here = (f"{jax.process_count()} process(es) x {jax.local_device_count()} devices, "
+          f"mesh {dict(trainer.mesh.shape)}")
+  if "process_count" not in meta:
+    return f"onto {here}"
+  return (f"saved by {meta['process_count']} process(es) x {meta['local_device_count']} "
+          f"devices, mesh {meta['mesh']}; restored onto {here}")
+
+
+def _train_and_evaluate(config, workdir: str, stop_at: Optional[int], restart_data_order: bool,
+                        notice: preemption.Notice) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config)
   mcfg = trainer.mcfg
@@ -227,9 +256,22 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   start = mgr.latest_step()
   if start is not None:
     state, meta = restore_checkpoint(mgr, trainer, start)
-    logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
-    print(f"Resuming from the checkpoint of step {start}.", flush=True)
     data_step = meta["data_step"]
+    saved_batch = meta.get("global_batch", config.batch_size)
+    if saved_batch != config.batch_size:
+      if not restart_data_order:
+        raise ValueError(
+            f"The checkpoint of step {start} in {workdir} was trained with a global batch of "
+            f"{saved_batch}, this config has {config.batch_size}: its data position "
+            f"({data_step} batches) means other examples now. Keep config.batch_size="
+            f"{saved_batch}, or pass restart_data_order=True (train.py --restart_data_order) "
+            "to read the data from its start again.")
+      print(f"The global batch changed from {saved_batch} to {config.batch_size}: "
+            "restarting the data order.", flush=True)
+      data_step = 0
+    logging.info("Resumed from step %d (data position %d)", start, data_step)
+    print(f"Resuming from the checkpoint of step {start} (data position {data_step}), "
+          f"{_restore_report(meta, trainer)}.", flush=True)
   else:
     start, data_step = 0, 0
     state = trainer.init_state(initial_params(config, trainer.model))
@@ -245,7 +287,8 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   if config.get("cache_embeddings"):
     cache = embedding_cache.open_or_build(
         config.get("embedding_cache_dir") or os.path.join(workdir, "embeddings"), train_src,
-        trainer.model, state["params"], mcfg, trainer.mesh, config.batch_size, config.seed)
+        trainer.model, state["params"], mcfg, trainer.mesh, config.batch_size, config.seed,
+        notice)
     train_src = embedding_cache.CachedSource(train_src, cache)  # batches carry `embeddings`
   total = stop_at if stop_at is not None else config.total_steps
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
@@ -253,7 +296,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
-  step = start
+  step, preempted = start, False
   peak = flops.peak_flops(jax.devices()[0].device_kind, mcfg.dtype, config.get("peak_flops"))
   step_flops = None
   writer = None
@@ -273,7 +316,8 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
-      should_save = step % config.checkpoint_every == 0 or step == total
+      preempted = notice.reached()  # every process, every step: they agree on one step
+      should_save = step % config.checkpoint_every == 0 or step == total or preempted
       if step % config.log_every == 0 or should_save:
         host = _check_finite(pending, mgr)
         pending = []
@@ -295,7 +339,12 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
               f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
               f"{record['images_per_s']:.1f} img/s", flush=True)
       if should_save:
-        save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
+        save_checkpoint(mgr, step, state, dict(
+            step=step, data_step=data_step + step - start, global_batch=config.batch_size,
+            process_count=jax.process_count(), local_device_count=jax.local_device_count(),
+            mesh=dict(trainer.mesh.shape)))
+      if preempted:
+        break
   finally:
     batches.close()  # stops the prefetching thread
     mgr.wait_until_finished()
@@ -303,7 +352,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
       writer.close()
   summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
 
-  if step >= config.total_steps:
+  if step >= config.total_steps and not preempted:
     params = _gathered(state["params"])
     if eval_src is not None:
       res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
@@ -323,6 +372,10 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   if jax.process_index() == 0:
     with open(summary_path, "w") as f:
       json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
+  if preempted:  # the checkpoint is written: wait_until_finished ran above
+    err = preemption.Preempted(f"the checkpoint of step {step}")
+    print(err, flush=True)
+    raise err
   summary["state"] = state
   return summary
 
