@@ -142,19 +142,24 @@ def test_corrupt_images_and_annotations_are_skipped_and_counted(tmp_path):
   (folder / "sa_000002.jpg").write_bytes(b"not a jpeg")  # not an image at all
   jpg = (folder / "sa_000003.jpg").read_bytes()
   (folder / "sa_000003.jpg").write_bytes(jpg[:len(jpg) // 2])  # truncated: fails on decoding
+  os.rename(folder / "sa_000005.jpg", tmp_path / "elsewhere.jpg")
+  os.symlink(tmp_path / "elsewhere.jpg", folder / "sa_000005.jpg")  # a link out of the folder
+  os.symlink("sa_000004.jpg", folder / "sa_000006.jpg")  # a link within it is fine
+  os.symlink("sa_000004.json", folder / "sa_000006.json")
   _as_segment_anything(folder, tmp_path / "tfds")
   for via in ("folder", "tfds"):
     examples = _open(tmp_path, via)
-    assert len(examples) == 4  # sa_000001 and sa_000002 were left out when prepared
-    assert sorted(examples.skipped_at_prepare) == ["sa_000001", "sa_000002"]
+    assert len(examples) == 4  # sa_000001, sa_000002 and sa_000005 were left out when prepared
+    assert sorted(examples.skipped_at_prepare) == ["sa_000001", "sa_000002", "sa_000005"]
     assert "JSONDecodeError" in examples.skipped_at_prepare["sa_000001"]
+    assert "outside the folder" in examples.skipped_at_prepare["sa_000005"]
     # One epoch: every example once, the truncated one empty (without a reading-ahead thread).
     batch = data.load_batch(examples, data.batch_indices(4, 4, 0, 0), 0, 0)
-    assert len(examples.skipped_at_read) == 1 and examples.num_skipped == 3
+    assert len(examples.skipped_at_read) == 1 and examples.num_skipped == 4
     assert batch["valid"].any(axis=1).sum() == 3
     assert batch["corrupt"].sum() == 1 and sorted(batch["index"]) == [0, 1, 2, 3]
     data.load_batch(examples, data.batch_indices(4, 4, 0, 0), 0, 0)  # a second epoch
-    assert examples.num_skipped == 3  # distinct examples, not skip events
+    assert examples.num_skipped == 4  # distinct examples, not skip events
 
 
 def test_malformed_annotations_are_skipped_and_counted_never_decoded(tmp_path):
