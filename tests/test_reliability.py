@@ -257,3 +257,22 @@ def test_nan_mask_input_is_refused(converted):
   mask[0, 3, 4] = np.nan
   with pytest.raises(ValueError, match="mask_input must be finite"):
     predictor.predict(mask_input=mask)
+
+
+def test_predict_replaces_only_its_own_outputs(converted, tmp_path, capsys):
+  import cv2
+  _, out, _ = converted
+  image = tmp_path / "img.png"
+  cv2.imwrite(str(image), np.full((48, 64, 3), 120, np.uint8))
+  dst = tmp_path / "pred"
+  args = ["--checkpoint", out, "--image", str(image), "--output", str(dst), "--point", "10,10",
+          "--single-mask"]
+  assert predict_cli.main(args) == 0
+  assert sorted(os.listdir(dst)) == ["mask_0.png", "overlay.png", "predictions.json"]
+  assert predict_cli.main(args) == 1
+  assert "exists already" in capsys.readouterr().err
+  assert predict_cli.main(args + ["--overwrite"]) == 0
+  (dst / "overlay.png").write_text("my notes")
+  assert predict_cli.main(args + ["--overwrite"]) == 1
+  assert "Refusing to replace" in capsys.readouterr().err
+  assert (dst / "overlay.png").read_text() == "my notes"

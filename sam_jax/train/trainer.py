@@ -452,9 +452,10 @@ class DataHealth:
           f"max_skipped_fraction={self.max_fraction}; see {self.path}.")
 
   def update(self, batch, step: int) -> None:
-    index = np.asarray(batch["index"])
-    self.seen[index] = True
-    self.corrupt[index[np.asarray(batch["corrupt"], bool)]] = True
+    if "index" in batch:  # batches built by data.load_batch say which examples they hold
+      index = np.asarray(batch["index"])
+      self.seen[index] = True
+      self.corrupt[index[np.asarray(batch["corrupt"], bool)]] = True
     counts = np.array([np.asarray(batch["valid"]).sum(), self.seen.sum(), self.corrupt.sum()],
                       np.int64)
     if jax.process_count() > 1:  # every process decides on the same global numbers
