@@ -8,9 +8,7 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
 from sam_jax.train import demo_data, trainer
 from tests.test_train_loop import tiny_config
