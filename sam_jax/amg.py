@@ -16,9 +16,10 @@ import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
+
+from sam_jax.image_io import read_rgb, write_mask, write_rgb
 
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
                    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -82,21 +83,11 @@ def list_images(path: str) -> List[str]:
                 if not os.path.isdir(os.path.join(path, f)))
 
 
-def read_rgb(path: str) -> Optional[np.ndarray]:
-  """An image file as (H, W, 3) uint8 RGB, read as the reference reads it; None if unreadable."""
-  image = cv2.imread(path)
-  return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_rgb(path: str, image: np.ndarray) -> None:
-  cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-
-
 def write_masks_to_folder(masks: List[Dict[str, Any]], path: str) -> None:
   """One PNG per mask (0 or 255) and metadata.csv, exactly as the reference script."""
   rows = [METADATA_HEADER]
   for i, record in enumerate(masks):
-    cv2.imwrite(os.path.join(path, f"{i}.png"), record["segmentation"].astype(np.uint8) * 255)
+    write_mask(os.path.join(path, f"{i}.png"), record["segmentation"])
     row = [str(i), str(record["area"]), *[str(x) for x in record["bbox"]],
            *[str(x) for x in record["point_coords"][0]], str(record["predicted_iou"]),
            str(record["stability_score"]), *[str(x) for x in record["crop_box"]]]
@@ -135,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
   import jax
 
   from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-  from sam_jax.utils.amg import rle_to_mask
+  from sam_jax.utils.mask_ops import rle_to_mask
   from sam_jax.utils.visualize import overlay_masks
 
   if args.device is not None:

@@ -155,7 +155,7 @@ def load_sam(directory: str, image_size: Optional[Union[int, Tuple[int, int]]] =
   config = load_config(directory)
   if image_size is not None:
     config.image_size = image_size
-    image_size_hw(config)
+    image_size_hw(config.image_size)
   model = build_sam(config)
   target = abstract_params(model)
   ckptr = ocp.StandardCheckpointer()

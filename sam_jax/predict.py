@@ -15,7 +15,6 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-import cv2
 import numpy as np
 
 
@@ -71,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-  from sam_jax.amg import read_rgb, write_rgb
+  from sam_jax.image_io import read_rgb, write_mask, write_rgb
   from sam_jax.checkpoint import load_sam
   from sam_jax.predictor import SamPredictor
   from sam_jax.utils.visualize import draw_prompts, overlay_masks
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
   masks, iou, _ = predictor.predict(points, labels, box, multimask_output=not args.single_mask)
   os.makedirs(args.output, exist_ok=True)
   for i, mask in enumerate(masks):
-    cv2.imwrite(os.path.join(args.output, f"mask_{i}.png"), mask.astype(np.uint8) * 255)
+    write_mask(os.path.join(args.output, f"mask_{i}.png"), mask)
   best = int(np.argmax(iou))
   overlay = draw_prompts(overlay_masks(image, [masks[best]]), points, labels, box)
   write_rgb(os.path.join(args.output, "overlay.png"), overlay)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam_jax.build import image_size_hw
 from sam_jax.checkpoint import load_sam
 from tests.conftest import assert_close_rel
 from tests.reference import reference_sam, save_and_convert
@@ -27,7 +28,7 @@ def test_encoder_at_another_size_matches_reference_runtime_resizing(converted, s
   """
   ref, directory = converted
   model, params = load_sam(directory, image_size=size)
-  h, w = (size, size) if isinstance(size, int) else size
+  h, w = image_size_hw(size)
   assert model.image_size == (h, w)
   pos = params["image_encoder"]["pos_embed"]
   assert pos.shape == (1, h // 16, w // 16, 64)

@@ -36,7 +36,7 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the run stops, keeping the last good checkpoint."""
 
 
-def model_config(config) -> ml_collections.ConfigDict:
+def resolve_model_config(config) -> ml_collections.ConfigDict:
   """The model's config: `config.model`, or a checkpoint's with `config.model` overrides."""
   if config.get("model_init"):
     mcfg = load_config(config.model_init)
@@ -48,7 +48,7 @@ def model_config(config) -> ml_collections.ConfigDict:
 
 def initial_params(config, model) -> Any:
   if config.get("model_init"):
-    _, params = load_sam(config.model_init, image_size=model_config(config).image_size)
+    _, params = load_sam(config.model_init, image_size=resolve_model_config(config).image_size)
     return params
   return init_params(model, jax.random.key(config.seed))
 
@@ -58,7 +58,7 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config = config
-    self.mcfg = model_config(config)
+    self.mcfg = resolve_model_config(config)
     self.model = build_sam(self.mcfg)
     self.mesh = mesh if mesh is not None else shard_lib.make_mesh(config.mesh_shape)
     self.abstract_params = abstract_params(self.model)
@@ -228,7 +228,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
 def open_data(config, workdir: str, trainer: Trainer):
   """The training examples, and the held-out examples to evaluate on (None without)."""
   mcfg = trainer.mcfg
-  image_hw = image_size_hw(mcfg)
+  image_hw = image_size_hw(mcfg.image_size)
   low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
   train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
@@ -464,7 +464,7 @@ def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dic
     raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
   model, params = load_sam(ckpt)
   _, eval_dir = _prepare_data(config, workdir)
-  size = image_size_hw(load_config(ckpt))
+  size = image_size_hw(load_config(ckpt).image_size)
   src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, size, size,
                                config.eval.max_masks, load_config(ckpt).pixel_mean)
   if src is None:
