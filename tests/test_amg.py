@@ -17,15 +17,14 @@ from torchvision.ops import batched_nms
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import TRACE_COUNTS
 from sam_jax.utils import mask_ops
-from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
+from tests.reference import AMG_TEST_SETTINGS
 
 SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  ref = tiny_reference_sam()
-  _, _, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
+def models(tiny_sam):
+  ref, _, model, params = tiny_sam
   return ref, model, params
 
 
@@ -143,6 +142,7 @@ def keep_crop_edges(monkeypatch):
   ours.filter_masks.clear_cache()
 
 
+@pytest.mark.slow
 def test_crop_layers_match_reference(models, keep_crop_edges):
   ref, model, params = models
   image = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300, faster

@@ -31,6 +31,7 @@ def _positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_environment_is_recorded(report):
   env = report["environment"]
   for key in ("date_utc", "cpu", "cpu_count", "jax_backend", "versions", "loadavg", "command"):
@@ -40,6 +41,7 @@ def test_environment_is_recorded(report):
   assert report["anchors"]["image encoder TFLOP per 1024x1024 image"]["vit_h"] == 5.96
 
 
+@pytest.mark.slow
 def test_every_benchmark_has_well_formed_rows(report):
   rows = report["results"]
   assert {r["bench"] for r in rows} == set(run.BENCHMARKS)
@@ -56,6 +58,7 @@ def test_every_benchmark_has_well_formed_rows(report):
     assert math.isclose(row["speedup"], row["reference"]["median_s"] / row["sam_jax"]["median_s"])
 
 
+@pytest.mark.slow
 def test_encoder_rows(report):
   enc = [r for r in report["results"] if r["bench"] == "encoder"]
   assert len(enc) == 2  # the fast path, then the seed attention for before/after
@@ -67,12 +70,14 @@ def test_encoder_rows(report):
   assert _positive(seed["fast_path_speedup"])
 
 
+@pytest.mark.slow
 def test_amg_rows_count_masks(report):
   (amg,) = [r for r in report["results"] if r["bench"] == "amg"]
   assert amg["points_per_side"] == 4
   assert amg["sam_jax"]["masks"] >= 0 and amg["reference"]["masks"] >= 0
 
 
+@pytest.mark.slow
 def test_attention_rows(report):
   rows = [r for r in report["results"] if r["bench"] == "attention"]
   assert {(r["block"], r["mode"]) for r in rows} == {
@@ -82,6 +87,7 @@ def test_attention_rows(report):
       assert row["max_abs_diff_vs_xla"] == 0.0 and row["max_abs_output"] > 0
 
 
+@pytest.mark.slow
 def test_train_row(report):
   (row,) = [r for r in report["results"] if r["bench"] == "train"]
   j = row["sam_jax"]
@@ -112,6 +118,7 @@ def test_batch_search_doubles_until_the_first_that_does_not_fit():
   assert best is None and len(tried) == 1
 
 
+@pytest.mark.slow
 def test_photo_rows_are_at_the_size_asked_for(report):
   for bench in ("predict", "amg"):
     (row,) = [r for r in report["results"] if r["bench"] == bench]  # --quick: the first size
@@ -131,6 +138,7 @@ def test_batch_search_needs_a_memory_limit_on_a_cpu(capsys):
   assert "--memory-limit-gb" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_renders_every_row(report, tmp_path, capsys):
   from benchmarks import report as report_lib
   path = tmp_path / "quick.json"
@@ -176,6 +184,7 @@ def test_seed_attention_swaps_back():
   assert ie.Attention is fast
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid,use_rel_pos,query_chunk", [
     ((9, 13), True, 50), ((9, 13), True, 0), ((9, 13), False, 16),
     ((3, 5), True, 0)])  # 3 + 5 <= head_dim 8: the bias folded into q k^T, as in windows
@@ -199,6 +208,7 @@ def test_fast_attention_matches_seed(grid, use_rel_pos, query_chunk):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
 
 
+@pytest.mark.slow
 def test_profile_predict_reports_every_part(capsys):
   from benchmarks import profile_predict
   assert profile_predict.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",
@@ -210,6 +220,7 @@ def test_profile_predict_reports_every_part(capsys):
   assert "GFLOP/s" in out
 
 
+@pytest.mark.slow
 def test_profile_encoder_splits_the_time_by_model_part(capsys):
   from benchmarks import profile_encoder
   assert profile_encoder.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",

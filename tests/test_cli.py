@@ -17,7 +17,7 @@ from sam_jax import predict as predict_cli
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import SamPredictor
 from sam_jax.utils.mask_ops import rle_to_mask
-from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
+from tests.reference import AMG_TEST_SETTINGS
 
 SETTINGS = ["--points-per-side", "8", "--pred-iou-thresh", "0.3", "--stability-score-thresh",
             "0.6", "--stability-score-offset", "0.1", "--box-nms-thresh", "0.999"]
@@ -25,9 +25,8 @@ GENERATOR_SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  ref = tiny_reference_sam()
-  _, directory, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
+def checkpoint(tiny_sam):
+  _, directory, model, params = tiny_sam
   return directory, model, params
 
 
@@ -78,6 +77,7 @@ def test_amg_cli_writes_pngs_and_metadata(checkpoint, images, amg_output):
     assert not np.array_equal(overlay[..., ::-1], image)  # the masks are drawn
 
 
+@pytest.mark.slow
 def test_amg_cli_coco_rle_and_overwrite(checkpoint, images, amg_output, tmp_path, capsys):
   args = ["--checkpoint", checkpoint[0], "--input", str(images / "cat.png"), "--output",
           str(tmp_path), "--convert-to-rle", *SETTINGS]
@@ -141,6 +141,7 @@ def test_predict_cli_errors(checkpoint, images, tmp_path, capsys):
       predict_cli.main(base + bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, option", [("sam_jax.amg", "--convert-to-rle"),
                                             ("sam_jax.predict", "--point")])
 def test_modules_run_as_scripts(module, option):

@@ -19,7 +19,8 @@ def converted(tmp_path_factory):
   return ref, save_and_convert(ref, tmp_path_factory.mktemp("size"))[1]
 
 
-@pytest.mark.parametrize("size", [128, (128, 192), 384])
+@pytest.mark.parametrize("size", [pytest.param(128, marks=pytest.mark.slow), (128, 192),
+                                  pytest.param(384, marks=pytest.mark.slow)])
 def test_encoder_at_another_size_matches_reference_runtime_resizing(converted, size):
   """Ours resizes the tables at load time; the reference resizes them at run time.
 

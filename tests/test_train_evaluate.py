@@ -7,7 +7,7 @@ import pytest
 from sam_jax.build import build_sam
 from sam_jax.checkpoint import init_params
 from sam_jax.train import demo_data, evaluate
-from tests.test_train_loop import tiny_config
+from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -25,8 +25,9 @@ def examples(num_images: int, size: int, max_masks: int = 3):
   return dict(images=images, masks=masks, valid=valid)
 
 
+@pytest.mark.slow
 def test_a_padded_last_batch_changes_nothing_and_compiles_once():
-  model = build_sam(tiny_config().model)
+  model = build_sam(tiny_train_config().model)
   params = init_params(model, jax.random.key(0))
   ex = examples(3, model.image_size[0])
   compiled = evaluate._decode._cache_size()
