@@ -19,3 +19,8 @@ def write_rgb(path: str, image: np.ndarray) -> None:
 def write_mask(path: str, mask: np.ndarray) -> None:
   """A binary mask as a one-channel PNG of 0 and 255."""
   cv2.imwrite(path, mask.astype(np.uint8) * 255)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  """An (H, W, 3) uint8 RGB image encoded as PNG, for a file whose name has no extension."""
+  return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()

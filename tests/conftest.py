@@ -33,7 +33,7 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fast_compiles():
   """For modules that compare runs, not speeds: without XLA's optimisations the
-  tiny test model's training step compiled in 21 s instead of 35 s."""
+  tiny test model's training step compiles sooner."""
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
@@ -106,7 +106,7 @@ def tiny_sam(tmp_path_factory):
 
 DEVICES_ENV = "SAM_JAX_TEST_CPU_DEVICES"
 # For tests that compile a whole train step in their own process: XLA:CPU's backend
-# optimisations off (LLVM's, the fusion emitters'), about 4x faster compiles.
+# optimisations off (LLVM's, the fusion emitters'), much faster compiles.
 # Sharding is decided before them, in the SPMD partitioner.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                       "--xla_cpu_use_fusion_emitters=false")

@@ -20,7 +20,7 @@ def test_eight_device_step_equals_one_device_step_and_restores_across_meshes():
   # and move a click; that changes the loss legitimately, not by a sharding bug.
   # One windowed encoder block after the patch embedding is enough to meet the
   # XLA partitioner bug that sharding.gather_fsdp works around: without it this
-  # loss is 0.5% off (3.8514 vs 3.8312), tiny_train_config's two blocks' 1.8%.
+  # loss is wrong (docs/training.md, "Sharding").
   config = one_block_train_config()
   config.optim.update(dict(layer_decay=0.8, warmup_steps=0))  # a non-zero first lr
   batch = fake_batch(config, batch_size=4)
