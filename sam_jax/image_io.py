@@ -12,15 +12,17 @@ def read_rgb(path: str) -> Optional[np.ndarray]:
   return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def write_rgb(path: str, image: np.ndarray) -> None:
-  cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+def png_bytes(image: np.ndarray) -> bytes:
+  """An (H, W, 3) uint8 RGB image encoded as PNG (written under a temporary name, then moved)."""
+  return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+  """A binary mask encoded as a one-channel PNG of 0 and 255."""
+  return cv2.imencode(".png", mask.astype(np.uint8) * 255)[1].tobytes()
 
 
 def write_mask(path: str, mask: np.ndarray) -> None:
-  """A binary mask as a one-channel PNG of 0 and 255."""
-  cv2.imwrite(path, mask.astype(np.uint8) * 255)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-  """An (H, W, 3) uint8 RGB image encoded as PNG, for a file whose name has no extension."""
-  return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+  """A binary mask as a one-channel PNG file of 0 and 255."""
+  with open(path, "wb") as f:
+    f.write(mask_png_bytes(mask))

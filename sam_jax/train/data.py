@@ -28,7 +28,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import cv2
 import jax
