@@ -138,6 +138,7 @@ def test_the_model_path_agrees_with_itself_across_batchings():
   from sam_jax.predictor import SamPredictor
   model = build_sam(tiny_model(64))
   predictor = SamPredictor(model, init_params(model, jax.random.key(1)))
+  from sam_jax.predictor import TRACE_COUNTS
   data = Dataset(3)
   one = evaluate.run(predictor, data, evaluate.Protocol(points=(1, 2), max_clicks=2,
                                                         images_per_call=1))
@@ -146,6 +147,12 @@ def test_the_model_path_agrees_with_itself_across_batchings():
   for k in one:
     np.testing.assert_allclose(one[k], three[k], atol=1e-6, err_msg=k)
   assert np.all(one["iou_oracle"] >= one["iou_default"])
+  # A second evaluation (as training's after its first) compiles nothing new.
+  traces = dict(TRACE_COUNTS)
+  again = evaluate.run(predictor, data, evaluate.Protocol(points=(1, 2), max_clicks=2,
+                                                          images_per_call=3))
+  assert dict(TRACE_COUNTS) == traces
+  np.testing.assert_array_equal(again["iou_box"], three["iou_box"])
 
 
 # --- COCO --------------------------------------------------------------------
@@ -272,6 +279,7 @@ def test_clear_errors_for_an_empty_dataset_a_missing_checkpoint_and_bad_boxes(tm
     command.main(["--checkpoint", "random:vit_b", "--data", coco, "--output", out])
 
 
+@pytest.mark.slow
 def test_the_command_end_to_end(tmp_path, capsys):
   """Two checkpoints on COCO and on an SA-1B-layout folder: one table, one plot, mask AP."""
   from configs.demo import tiny_model

@@ -245,14 +245,17 @@ def _gather(scores: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   from jax.experimental import multihost_utils
   counts = multihost_utils.process_allgather(np.array([len(scores["image"])]))
   longest = int(counts.max())
+  if longest == 0:
+    return scores
   out = {}
   for k, v in scores.items():
-    padded = np.zeros((longest, *v.shape[1:]), np.float64)
+    padded = np.zeros((longest, *v.shape[1:]), v.dtype)
     padded[:len(v)] = v
-    # float64 carries the int64 indices exactly (far below 2**53).
-    every = np.asarray(multihost_utils.process_allgather(padded))
+    # As 32-bit words: without jax_enable_x64, JAX would round 64-bit values to 32 bits.
+    words = padded.reshape(longest, -1).view(np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(words)).view(v.dtype)
+    every = every.reshape(len(every), longest, *v.shape[1:])
     out[k] = np.concatenate([every[p, :int(n)] for p, n in enumerate(counts.reshape(-1))])
-    out[k] = out[k].astype(v.dtype)
   return out
 
 
