@@ -229,6 +229,18 @@ def test_coco_mask_ap_is_1_for_the_ground_truth_and_less_otherwise(tmp_path):
   assert evaluate.coco_mask_ap(gt, results, [1, 2])["AP"] < 0.9
 
 
+@pytest.mark.parametrize("spec, groups", [
+    ("tfds:segment_anything:train", ("segment_anything", "train", None)),
+    ("tfds:segment_anything:train[:-100]:/data", ("segment_anything", "train[:-100]", "/data")),
+])
+def test_tfds_specs_keep_the_split_slice(monkeypatch, spec, groups):
+  from sam_jax.train import data as data_lib
+  seen = []
+  monkeypatch.setattr(data_lib, "tfds_records", lambda *a: seen.append(a) or ([], {}))
+  assert len(eval_data.open_dataset(spec)) == 0
+  assert seen == [groups]
+
+
 def test_seeded_subsampling():
   a = eval_data.subsample(100, 10, seed=3)
   assert a == eval_data.subsample(100, 10, seed=3) == sorted(a) and len(set(a)) == 10

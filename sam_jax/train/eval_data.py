@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -182,11 +183,12 @@ def open_dataset(spec: str, max_masks: Optional[int] = None, seed: int = 0):
       raise ValueError(f"{spec!r}: a COCO dataset is coco:ANN.json:IMAGES_DIR.")
     return CocoDataset(parts[0], parts[1], max_masks, seed)
   if kind == "tfds":
-    parts = rest.split(":")
-    if len(parts) not in (2, 3) or not all(parts[:2]):
+    # The split may hold a colon in its slice: train[:1000].
+    match = re.fullmatch(r"([^:]+):([^:\[]+(?:\[[^\]]*\])?)(?::(.+))?", rest)
+    if not match:
       raise ValueError(f"{spec!r}: a TFDS dataset is tfds:NAME:SPLIT or tfds:NAME:SPLIT:DATA_DIR.")
     from sam_jax.train import data as data_lib
-    records, _ = data_lib.tfds_records(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    records, _ = data_lib.tfds_records(*match.groups())
     return Sa1bRecords(records, spec, max_masks, seed)
   directory = rest if kind == "sa1b" else spec
   if not os.path.exists(directory):

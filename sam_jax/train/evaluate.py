@@ -375,7 +375,8 @@ def render(path: str, images: np.ndarray, columns: Sequence, titles: Sequence[st
 def training_protocol(eval_config) -> Protocol:
   """`config.eval`'s protocol: mIoU after 1 .. num_clicks points, NoC capped at num_clicks."""
   k = int(eval_config.num_clicks)
-  return Protocol(points=tuple(range(1, k + 1)), max_clicks=k)
+  return Protocol(points=tuple(range(1, k + 1)), max_clicks=k,
+                  images_per_call=max(4, jax.local_device_count()))
 
 
 def local_mesh():
