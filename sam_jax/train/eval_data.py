@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from sam_jax.train import data as data_lib
+
 SPEC_HELP = ("a dataset is coco:ANN.json:IMAGES_DIR, tfds:NAME:SPLIT[:DATA_DIR], or a folder in "
              "SA-1B's layout (NAME.jpg + NAME.json files, optionally written sa1b:DIR)")
 
@@ -71,15 +73,16 @@ class Sa1bRecords:
     anns = record["annotations"]
     if isinstance(anns, dict):  # TFDS sources give columns; a folder's records a list
       seg = anns["segmentation"]
-      anns = [dict(segmentation=dict(counts=c, size=s), bbox=b)
-              for c, s, b in zip(seg["counts"], seg["size"], anns["bbox"])]
+      anns = [dict(segmentation=dict(counts=c, size=s), bbox=b, area=a)
+              for c, s, b, a in zip(seg["counts"], seg["size"], anns["bbox"], anns["area"])]
     masks, boxes = [], []
-    for a in anns:
-      size = [int(s) for s in np.asarray(a["segmentation"]["size"]).reshape(-1)]
-      if tuple(size) != (h, w):
-        raise ValueError(f"{self.description}, image {i}: a mask of {tuple(size)} on an image "
-                         f"of {(h, w)}")
-      m = mask_utils.decode(dict(size=size, counts=a["segmentation"]["counts"])).astype(bool)
+    for j, a in enumerate(anns):
+      try:  # training's checks, before pycocotools trusts the RLE
+        rle = data_lib.check_annotation(a["segmentation"]["counts"], a["segmentation"]["size"],
+                                        a["area"], a["bbox"], h, w)
+      except ValueError as e:
+        raise ValueError(f"{self.description}, image {i}, mask {j}: {e}") from e
+      m = mask_utils.decode(rle).astype(bool)
       if m.any():
         masks.append(m)
         ymin, xmin, ymax, xmax = np.asarray(a["bbox"], np.float64)  # TFDS: normalised
@@ -187,7 +190,6 @@ def open_dataset(spec: str, max_masks: Optional[int] = None, seed: int = 0):
     match = re.fullmatch(r"([^:]+):([^:\[]+(?:\[[^\]]*\])?)(?::(.+))?", rest)
     if not match:
       raise ValueError(f"{spec!r}: a TFDS dataset is tfds:NAME:SPLIT or tfds:NAME:SPLIT:DATA_DIR.")
-    from sam_jax.train import data as data_lib
     records, _ = data_lib.tfds_records(*match.groups())
     return Sa1bRecords(records, spec, max_masks, seed)
   directory = rest if kind == "sa1b" else spec
