@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print(table(runs, protocol.points))
     for r in runs:
       print(f"{r['checkpoint_label']} on {r['dataset_label']}: {r['seconds']:.1f} s, "
-            f"{r['images_per_s']:.2f} images/s, {r['masks_per_s']:.1f} masks/s")
+            f"{r['images_per_s']:.3g} images/s, {r['masks_per_s']:.3g} masks/s")
     print(f"Wrote {outputs[0]} and {outputs[1]}")
   return result
 
