@@ -127,6 +127,11 @@ def test_oracle_is_never_below_default_and_noc_is_capped():
   res = evaluate.summarize(scores, proto)
   assert res["miou_1point_oracle"] >= res["miou_1point_default"]
   assert res["miou_box"] < 1.0
+  # More points than the NoC cap: the curve goes on, NoC stays capped.
+  long = evaluate.Protocol(points=(1, 6), max_clicks=2)
+  noisy = StandIn(data, noise=0.3)
+  scores = evaluate.run(noisy, data, long, decode=noisy.decode)
+  assert scores["iou_points"].shape[1] == 6 and scores["noc"].max() <= 2
 
 
 @pytest.mark.slow

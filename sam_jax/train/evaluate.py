@@ -173,7 +173,7 @@ def _evaluate_images(predictor, items: Sequence[Item], protocol: Protocol,
       now = iou(preds[i], g)
       if k <= max(protocol.points):
         curve[i].append(now)
-      hit = (reached[i] == 0) & (now[:, None] >= thresholds)
+      hit = (reached[i] == 0) & (now[:, None] >= thresholds) & (k <= protocol.max_clicks)
       reached[i] = np.where(hit, k, reached[i])
   for i, r in enumerate(res):
     r["iou_points"] = np.stack(curve[i], 1)
