@@ -31,6 +31,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -231,7 +232,6 @@ def hf_state_dict_to_params(tensors: Dict[str, np.ndarray], config: ml_collectio
   """HF tensors -> sam_jax parameters for `config`; every problem is listed in HF's names."""
   from sam_jax.checkpoint import abstract_params
   target = abstract_params(build_sam(config))
-  import jax
   meta_keys = [torch_key(tuple(k.key for k in p))
                for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]]
   to_hf = meta_to_hf_names(meta_keys)
