@@ -16,12 +16,12 @@ import os
 import sys
 
 from sam_jax import build_sam, hf
-from sam_jax.checkpoint import CheckpointError, abstract_params, load_sam, save_sam
+from sam_jax.checkpoint import CheckpointError, abstract_params, load_manifest, load_sam, save_sam
 from sam_jax.checkpoint import load_config as load_sam_config
 from sam_jax.convert import (ConversionError, infer_config, params_to_state_dict,
-                             read_torch_checkpoint, state_dict_to_params,
+                             read_torch_checkpoint, state_dict_to_params, torch_dtypes,
                              write_torch_checkpoint)
-from sam_jax.outputs import OutputError, check_output
+from sam_jax.outputs import OutputError
 
 
 def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
@@ -30,6 +30,7 @@ def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
     if model_type and model_type != config.variant:
       raise ConversionError(f"--model-type {model_type}: the HF checkpoint is a {config.variant} "
                             f"(encoder width {config.image_encoder.embed_dim}).")
+    source = dict(file=os.path.basename(os.path.abspath(checkpoint)), format="transformers")
   elif os.path.isdir(checkpoint):
     what = ("a sam_jax checkpoint already" if os.path.isdir(os.path.join(checkpoint, "params"))
             else "neither a .pth file nor a Hugging Face SAM directory (config.json with "
@@ -39,12 +40,16 @@ def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
     state_dict = read_torch_checkpoint(checkpoint)
     config = infer_config(state_dict, model_type)
     params = state_dict_to_params(state_dict, abstract_params(build_sam(config)))
-  save_sam(output, config, params, overwrite=overwrite)
+    # Tensors that were not float32 (e.g. bfloat16) are stored widened; --to-pytorch restores them.
+    source = dict(file=os.path.basename(checkpoint), torch_dtypes=torch_dtypes(checkpoint))
+  save_sam(output, config, params, overwrite=overwrite, source=source)
   return config
 
 
 def to_hf(checkpoint: str, output: str, overwrite=False):
-  check_output(output, overwrite, hf.WRITTEN)
+  if os.path.lexists(output) and not overwrite:
+    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
+                      "--overwrite.")
   config = load_sam_config(checkpoint)
   hf.config_to_hf(config)  # a model HF cannot build fails before the weights are read
   _, params = load_sam(checkpoint)
@@ -52,10 +57,12 @@ def to_hf(checkpoint: str, output: str, overwrite=False):
 
 
 def to_pytorch(checkpoint: str, output: str, overwrite=False):
-  if os.path.exists(output) and not overwrite:
-    raise CheckpointError(f"{output} exists already; choose another path or pass --overwrite.")
+  if os.path.lexists(output) and not overwrite:
+    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
+                      "--overwrite.")
   _, params = load_sam(checkpoint)
-  write_torch_checkpoint(params_to_state_dict(params), output)
+  dtypes = ((load_manifest(checkpoint) or {}).get("source") or {}).get("torch_dtypes")
+  write_torch_checkpoint(params_to_state_dict(params), output, overwrite, dtypes)
 
 
 def main(argv=None) -> int:
@@ -87,6 +94,9 @@ def main(argv=None) -> int:
       print(f"wrote {args.output} ({config.variant}, image size {config.image_size})")
   except (ConversionError, CheckpointError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # e.g. a full disk or a folder made read-only while writing
+    print(f"error: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
     return 1
   return 0
 

@@ -37,7 +37,8 @@ import numpy as np
 from sam_jax.checkpoint import CheckpointError, load_sam
 from sam_jax.modeling.prompt_encoder import NOT_A_POINT, PADDING
 from sam_jax.modeling.sam import Sam
-from sam_jax.outputs import OutputError, staged_directory
+from sam_jax import outputs
+from sam_jax.outputs import OutputError
 
 FORMATS = ("stablehlo", "onnx")
 MANIFEST = "export.json"
@@ -292,14 +293,17 @@ def export(checkpoint: str, output: str, fmt: str, overwrite: bool = False,
   """Writes the encoder and the decoder of `checkpoint` to `output`; returns the manifest."""
   if fmt not in FORMATS:
     raise ExportError(f"Unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-  from sam_jax.outputs import check_output
-  check_output(output, overwrite, FILES[fmt])
+  if os.path.lexists(output) and not overwrite:
+    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
+                      "--overwrite.")
   model, params = load_sam(checkpoint)
   h, w = model.image_size
   if h != w:
     raise ExportError(f"The model's input is {h}x{w}; the export follows Meta's and needs a "
                       "square input size.")
-  with staged_directory(output, overwrite, FILES[fmt]) as tmp:
+  with outputs.atomic_output(output, overwrite, outputs.folder_of(FILES[fmt], f"{fmt} export"),
+                            f"{fmt} export") as tmp:
+    os.makedirs(tmp)
     if fmt == "stablehlo":
       programs = export_stablehlo(model, params, tmp, platforms or (jax.default_backend(),))
     else:

@@ -283,7 +283,7 @@ def write_hf_checkpoint(config: ml_collections.ConfigDict, params: Params, outpu
     from transformers import SamConfig, SamImageProcessor
   except ImportError as e:
     raise ConversionError("Writing HF checkpoints needs: pip install 'sam_jax[hf]'.") from e
-  from sam_jax.outputs import staged_directory
+  from sam_jax import outputs
   hf_config = SamConfig(**config_to_hf(config))
   hf_config.architectures = ["SamModel"]
   tensors = params_to_hf_state_dict(params)
@@ -292,7 +292,9 @@ def write_hf_checkpoint(config: ml_collections.ConfigDict, params: Params, outpu
       image_mean=[m / 255 for m in config.pixel_mean], image_std=[s / 255 for s in config.pixel_std],
       size={"longest_edge": size}, pad_size={"height": size, "width": size},
       mask_size={"longest_edge": 4 * size // config.image_encoder.patch_size})
-  with staged_directory(output, overwrite, WRITTEN) as tmp:
+  with outputs.atomic_output(output, overwrite, outputs.folder_of(WRITTEN, "--to-hf output"),
+                            "Hugging Face checkpoint") as tmp:
+    os.makedirs(tmp)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               os.path.join(tmp, SAFETENSORS), metadata={"format": "pt"})
     hf_config.save_pretrained(tmp)

@@ -1,56 +1,101 @@
-"""Writing an output directory whole or not at all.
+"""Writing outputs safely: refuse to replace what we did not write, and swap atomically.
 
-Files are written into a temporary sibling, which replaces the output only
-once everything in it is written: a failure leaves nothing behind. An
-existing output is replaced only with `overwrite`, and only when every entry
-in it is one this writer makes, so that an overwrite never deletes a file
-that the program did not create.
+Every writer (checkpoints, converted `.pth` files, AMG results) goes through
+`atomic_output`: the new output is written beside the target under a name of
+its own (`.NAME.sam_jax-tmp`), then swapped in. An existing target is only
+replaced with `overwrite` and only when `replaceable` recognises it as one of
+ours; anything else is refused with a message, never deleted.
 """
 
 import contextlib
 import os
 import shutil
-import tempfile
-from typing import Iterable, Iterator
+from typing import Callable, Iterator, Optional
 
 
 class OutputError(ValueError):
-  """An output path that cannot be written without losing something."""
+  """An output that may not be written or replaced; the message says why and what to do."""
 
 
-def check_output(output: str, overwrite: bool, names: Iterable[str]) -> None:
-  """Raises OutputError unless `output` may be (re)written by a writer of `names`."""
-  if not os.path.lexists(output):
-    return
-  if not overwrite:
-    raise OutputError(f"{output} exists already; choose another path or pass --overwrite.")
-  if not os.path.isdir(output) or os.path.islink(output):
-    raise OutputError(f"{output} exists and is not a directory; --overwrite only replaces a "
-                      "directory that this command wrote. Remove it yourself or choose another path.")
-  foreign = sorted(set(os.listdir(output)) - set(names))
-  if foreign:
-    raise OutputError(
-        f"{output} holds files this command does not write ({', '.join(foreign[:5])}"
-        f"{', ...' if len(foreign) > 5 else ''}); --overwrite will not delete them. "
-        "Remove them yourself or choose another path.")
+def _sibling(path: str, tag: str) -> str:
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.sam_jax-{tag}")
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
+
+
+def _recover(path: str) -> None:
+  """Undoes what a run killed mid-swap left: its temporary output and the displaced old one."""
+  tmp, old = _sibling(path, "tmp"), _sibling(path, "old")
+  _remove(tmp)  # named after this output: only a sam_jax writer makes it
+  if os.path.lexists(old):
+    if os.path.lexists(path):
+      _remove(old)
+    else:  # killed between the two renames: the old output goes back
+      os.rename(old, path)
 
 
 @contextlib.contextmanager
-def staged_directory(output: str, overwrite: bool, names: Iterable[str]) -> Iterator[str]:
-  """Yields a temporary directory that becomes `output` when the block succeeds."""
-  names = tuple(names)
-  output = os.path.abspath(output)
-  check_output(output, overwrite, names)
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(output), dir=parent)
+def atomic_output(path: str, overwrite: bool, replaceable: Callable[[str], Optional[str]],
+                  what: str = "output") -> Iterator[str]:
+  """Yields a temporary path to write `path`'s new content to; swaps it in on success.
+
+  `replaceable(path)` returns None when an existing `path` is one of ours (so
+  `overwrite` may replace it), else the reason it is not. On an error nothing
+  is left behind and an existing `path` is untouched.
+  """
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"Cannot create the folder {parent} for the {what}: {e.strerror}.") from e
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OutputError(f"Cannot write the {what} {path}: {parent} is not writable.")
+  _recover(path)
+  if os.path.lexists(path):
+    if not overwrite:
+      raise OutputError(f"{path} exists already; choose another path or pass --overwrite.")
+    why = replaceable(path)
+    if why is not None:
+      raise OutputError(f"Refusing to replace {path}: {why}. --overwrite only replaces a "
+                        f"{what} that sam_jax wrote; move it away or choose another path.")
+  tmp = _sibling(path, "tmp")
   try:
     yield tmp
-    written = sorted(set(os.listdir(tmp)) - set(names))
-    assert not written, f"the writer made files it does not declare: {written}"
-    check_output(output, overwrite, names)  # unchanged while we wrote?
-    if os.path.lexists(output):
-      shutil.rmtree(output)
-    os.replace(tmp, output)
+    if os.path.lexists(path):
+      old = _sibling(path, "old")
+      os.rename(path, old)
+      os.rename(tmp, path)
+      _remove(old)
+    else:
+      os.rename(tmp, path)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
+
+
+def empty_dir(path: str) -> Optional[str]:
+  """None for an empty folder, else why it is not one."""
+  if not os.path.isdir(path) or os.path.islink(path):
+    return "it is not a folder"
+  return None if not os.listdir(path) else "it is a folder that is not empty"
+
+
+def folder_of(names, what: str) -> Callable[[str], Optional[str]]:
+  """A `replaceable` for a folder that a writer fills with `names`: None when the
+  folder holds nothing else (so none of its files is one we did not write)."""
+  names = frozenset(names)
+
+  def replaceable(path: str) -> Optional[str]:
+    if not os.path.isdir(path) or os.path.islink(path):
+      return "it is not a folder"
+    foreign = sorted(set(os.listdir(path)) - names)
+    if foreign:
+      return (f"it holds files that a {what} does not ({', '.join(foreign[:5])}"
+              f"{', ...' if len(foreign) > 5 else ''})")
+    return None
+  return replaceable

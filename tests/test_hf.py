@@ -231,7 +231,7 @@ def test_bad_hf_checkpoints(small, tmp_path, capsys, edit_tensors, edit_config, 
   assert _convert("--checkpoint", src, "--output", tmp_path / "out") == 1
   assert expected in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+  assert not [p for p in os.listdir(tmp_path) if "sam_jax-tmp" in p]
 
 
 def test_corrupt_weights_and_bare_directories(small, tmp_path, capsys):
@@ -256,7 +256,7 @@ def test_to_hf_output_is_protected(small, tmp_path, capsys):
   assert _convert("--to-hf", "--checkpoint", tmp / "jax", "--output", out) == 1
   assert "exists already" in capsys.readouterr().err
   assert _convert("--to-hf", "--checkpoint", tmp / "jax", "--output", out, "--overwrite") == 1
-  assert "will not delete them" in capsys.readouterr().err
+  assert "Refusing to replace" in capsys.readouterr().err
   assert os.listdir(out) == ["notes.txt"]
   # A directory that --to-hf wrote is replaced with --overwrite.
   os.remove(out / "notes.txt")
