@@ -25,6 +25,9 @@ from tests.reference import randomise_, reference_sam, save_and_convert  # noqa:
 from tests.test_sam_vs_reference import EMB_REL, LOGIT_ABS, MASK_AGREE  # noqa: E402
 
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # these compare values, not speeds
+
+
 def hf_sam(hidden_size=96, depth=4, heads=4, global_attn_indexes=(1, 3), image_size=256,
            window_size=7, decoder_mlp_dim=256, seed=0, **decoder):
   """A `transformers.SamModel` with every tensor randomised as the Meta parity tests do.
@@ -100,7 +103,8 @@ def hf_end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prom
 @pytest.mark.parametrize("input_hw,original_hw,multimask", [
     ((256, 256), (256, 256), True),
     ((256, 176), (700, 481), False),  # portrait, upscaled back
-    ((144, 256), (90, 160), True),    # landscape, downscaled back
+    pytest.param((144, 256), (90, 160), True,  # landscape, downscaled back
+                 marks=pytest.mark.slow),
 ])
 def test_parity_small(small, input_hw, original_hw, multimask):
   ref, model, params, _ = small
