@@ -24,7 +24,6 @@ details; export.json in the output lists every input and output.
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -34,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax import outputs
 from sam_jax.checkpoint import CheckpointError, load_sam
 from sam_jax.modeling.prompt_encoder import NOT_A_POINT, PADDING
 from sam_jax.modeling.sam import Sam
-from sam_jax import outputs
 from sam_jax.outputs import OutputError
 
 FORMATS = ("stablehlo", "onnx")
