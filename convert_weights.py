@@ -16,15 +16,17 @@ import os
 import sys
 
 from sam_jax import build_sam, hf
-from sam_jax.checkpoint import CheckpointError, abstract_params, load_manifest, load_sam, save_sam
+from sam_jax.checkpoint import (CheckpointError, abstract_params, is_checkpoint, load_manifest,
+                                load_sam, save_sam)
 from sam_jax.checkpoint import load_config as load_sam_config
-from sam_jax.convert import (ConversionError, infer_config, params_to_state_dict,
-                             read_torch_checkpoint, state_dict_to_params, torch_dtypes,
-                             write_torch_checkpoint)
-from sam_jax.outputs import OutputError
+from sam_jax.convert import (ConversionError, infer_config, is_torch_checkpoint,
+                             params_to_state_dict, read_torch_checkpoint, state_dict_to_params,
+                             torch_dtypes, write_torch_checkpoint)
+from sam_jax.outputs import OutputError, check_output, folder_of
 
 
 def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
+  check_output(os.path.abspath(output), overwrite, is_checkpoint, "checkpoint")  # before the work
   if hf.is_hf_checkpoint(checkpoint):
     config, params = hf.read_hf_checkpoint(checkpoint)
     if model_type and model_type != config.variant:
@@ -47,9 +49,8 @@ def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
 
 
 def to_hf(checkpoint: str, output: str, overwrite=False):
-  if os.path.lexists(output) and not overwrite:
-    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
-                      "--overwrite.")
+  check_output(os.path.abspath(output), overwrite, folder_of(hf.WRITTEN, "--to-hf output"),
+               "Hugging Face checkpoint")  # before the work
   config = load_sam_config(checkpoint)
   hf.config_to_hf(config)  # a model HF cannot build fails before the weights are read
   _, params = load_sam(checkpoint)
@@ -57,9 +58,7 @@ def to_hf(checkpoint: str, output: str, overwrite=False):
 
 
 def to_pytorch(checkpoint: str, output: str, overwrite=False):
-  if os.path.lexists(output) and not overwrite:
-    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
-                      "--overwrite.")
+  check_output(os.path.abspath(output), overwrite, is_torch_checkpoint, "PyTorch checkpoint")
   _, params = load_sam(checkpoint)
   dtypes = ((load_manifest(checkpoint) or {}).get("source") or {}).get("torch_dtypes")
   write_torch_checkpoint(params_to_state_dict(params), output, overwrite, dtypes)

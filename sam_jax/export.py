@@ -292,16 +292,14 @@ def export(checkpoint: str, output: str, fmt: str, overwrite: bool = False,
   """Writes the encoder and the decoder of `checkpoint` to `output`; returns the manifest."""
   if fmt not in FORMATS:
     raise ExportError(f"Unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-  if os.path.lexists(output) and not overwrite:
-    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
-                      "--overwrite.")
+  replaceable = outputs.folder_of(FILES[fmt], f"{fmt} export")
+  outputs.check_output(os.path.abspath(output), overwrite, replaceable, f"{fmt} export")
   model, params = load_sam(checkpoint)
   h, w = model.image_size
   if h != w:
     raise ExportError(f"The model's input is {h}x{w}; the export follows Meta's and needs a "
                       "square input size.")
-  with outputs.atomic_output(output, overwrite, outputs.folder_of(FILES[fmt], f"{fmt} export"),
-                            f"{fmt} export") as tmp:
+  with outputs.atomic_output(output, overwrite, replaceable, f"{fmt} export") as tmp:
     os.makedirs(tmp)
     if fmt == "stablehlo":
       programs = export_stablehlo(model, params, tmp, platforms or (jax.default_backend(),))
