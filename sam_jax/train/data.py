@@ -407,8 +407,3 @@ def train_batches(source: Sa1bExamples, global_batch: int, seed: int, start_step
   finally:
     stop.set()
 
-
-def eval_examples(source: Sa1bExamples, num: int, seed: int = 0) -> Example:
-  """The first `num` examples in the source's order, one stacked batch (masks drawn with `seed`)."""
-  idx = np.arange(min(num, len(source)))
-  return load_batch(source, idx, seed, 0)
