@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE_FLAGS, ROOT
 from tests.test_train_multiprocess import _free_port, _write_model_init
-from tests.test_train_sharding import FAST_COMPILE_FLAGS, ROOT
 
 FLAGS = ["--config=configs/demo.py:quick", "--config.data.generate.num_train=2",
          "--config.data.generate.num_eval=5", "--config.data.generate.size=64",
