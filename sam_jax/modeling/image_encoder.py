@@ -241,8 +241,9 @@ def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None
 
   - a GPU in half precision: "cudnn";
   - a CPU: the bias folded into q k^T when that adds at most head_dim columns (a
-    window's kh + kw), and more than `query_chunk` queries scored a chunk at a time,
-    which keeps the (N, N) scores in cache;
+    window's kh + kw; faster on a CPU, BENCHMARKS.md's window fold, while a 64x64
+    grid's 128 columns cost more than they save), and more than `query_chunk`
+    queries scored a chunk at a time, which keeps the (N, N) scores in cache;
   - otherwise "xla". Without `k_size` the CPU rules are not applied (a summary).
   """
   if name != "auto" and name not in ATTENTION_FNS:
