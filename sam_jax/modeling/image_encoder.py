@@ -201,7 +201,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.
   if fold and rel_h is not None:
     q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
     rel_h = rel_w = None
-  heads_first = lambda t: None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")  # noqa: E731
+  def heads_first(t):
+    return None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")
   out = chunked_attention(*map(heads_first, (q, k, v, rel_h, rel_w)), k_size, query_chunk)
   return einops.rearrange(out, "(b n) l d -> b l n d", b=q.shape[0])
 

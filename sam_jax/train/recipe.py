@@ -55,7 +55,8 @@ def first_prompt(key, gt, cfg, stride: float, image_size: Tuple[int, int], num_s
   return coords, labels.astype(jnp.int32), is_box
 
 
-def first_round(decode: Callable, score: Callable, coords, labels, is_box) -> Tuple[Terms, jax.Array]:
+def first_round(decode: Callable, score: Callable, coords, labels,
+                is_box) -> Tuple[Terms, jax.Array]:
   """Round 0: the terms per mask, and the logits (B, N, L, L) passed to round 1.
 
   A single point is ambiguous: it gets three outputs and only the lowest-loss one
