@@ -13,14 +13,16 @@ import os
 import sys
 
 from sam_jax import build_sam
-from sam_jax.checkpoint import CheckpointError, abstract_params, load_manifest, load_sam, save_sam
-from sam_jax.convert import (ConversionError, infer_config, params_to_state_dict,
-                             read_torch_checkpoint, state_dict_to_params, torch_dtypes,
-                             write_torch_checkpoint)
-from sam_jax.outputs import OutputError
+from sam_jax.checkpoint import (CheckpointError, abstract_params, is_checkpoint, load_manifest,
+                                load_sam, save_sam)
+from sam_jax.convert import (ConversionError, infer_config, is_torch_checkpoint,
+                             params_to_state_dict, read_torch_checkpoint, state_dict_to_params,
+                             torch_dtypes, write_torch_checkpoint)
+from sam_jax.outputs import OutputError, check_output
 
 
 def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
+  check_output(os.path.abspath(output), overwrite, is_checkpoint, "checkpoint")  # before the work
   state_dict = read_torch_checkpoint(checkpoint)
   config = infer_config(state_dict, model_type)
   params = state_dict_to_params(state_dict, abstract_params(build_sam(config)))
@@ -31,9 +33,7 @@ def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
 
 
 def to_pytorch(checkpoint: str, output: str, overwrite=False):
-  if os.path.lexists(output) and not overwrite:
-    raise OutputError(f"{os.path.abspath(output)} exists already; choose another path or pass "
-                      "--overwrite.")
+  check_output(os.path.abspath(output), overwrite, is_torch_checkpoint, "PyTorch checkpoint")
   _, params = load_sam(checkpoint)
   dtypes = ((load_manifest(checkpoint) or {}).get("source") or {}).get("torch_dtypes")
   write_torch_checkpoint(params_to_state_dict(params), output, overwrite, dtypes)
