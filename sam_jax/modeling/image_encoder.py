@@ -4,6 +4,7 @@ Channels are last throughout: images are (B, H, W, 3), tokens (B, h, w, C) and
 the output embedding (B, h, w, out_chans).
 """
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import einops
@@ -189,21 +190,80 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[ja
   return out[..., :d]
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                  rel_w: Optional[jax.Array], k_size: Tuple[int, int], fold: bool = False,
+                  query_chunk: int = 0) -> jax.Array:
+  """`_attend` through XLA, one head at a time; q, k, v are (B, N, heads, d), q scaled.
+
+  `fold`: the bias as kh + kw more columns of q k^T (`fold_rel_pos`) rather than
+  added in the softmax's fusion. `query_chunk`: `chunked_attention`'s chunk (0: none).
+  """
+  if fold and rel_h is not None:
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
+    rel_h = rel_w = None
+  def heads_first(t):
+    return None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")
+  out = chunked_attention(*map(heads_first, (q, k, v, rel_h, rel_w)), k_size, query_chunk)
+  return einops.rearrange(out, "(b n) l d -> b l n d", b=q.shape[0])
 
 
-def resolve_attention(implementation: str, dtype) -> str:
-  """"auto": cuDNN flash attention on GPUs in half precision, XLA otherwise."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}.")
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                    rel_w: Optional[jax.Array], k_size: Tuple[int, int]) -> jax.Array:
+  """The reference's formula: the (heads, N, N) bias materialised, then a plain softmax."""
+  scores = jnp.einsum("bqnd,bknd->bnqk", q, k)
+  if rel_h is not None:
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, N, heads, kh, kw)
+    scores = scores + einops.rearrange(bias, "b q n kh kw -> b n q (kh kw)")
+  p = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqk,bknd->bqnd", p, v)
+
+
+# Queries per chunk of the "*_chunked" implementations.
+QUERY_CHUNK = 256
+
+# The image encoder's attention functions by name, as `attention_fn` in Flax's
+# MultiHeadDotProductAttention: f(q, k, v, rel_h, rel_w, k_size) -> (B, N, heads, d)
+# with q, k, v (B, N, heads, d), q already scaled, and rel_h (B, N, heads, kh),
+# rel_w (B, N, heads, kw) the decomposed relative-position bias (or None).
+ATTENTION_FNS = {
+    "xla": xla_attention,  # every query at once, the bias added in the softmax's fusion
+    "xla_chunked": functools.partial(xla_attention, query_chunk=QUERY_CHUNK),
+    "xla_folded": functools.partial(xla_attention, fold=True),
+    "xla_folded_chunked": functools.partial(xla_attention, fold=True, query_chunk=QUERY_CHUNK),
+    "cudnn": cudnn_attention,  # flash attention; GPU, half precision
+    "dense": dense_attention,
+}
+
+
+def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None,
+                      head_dim: Optional[int] = None, use_rel_pos: bool = True,
+                      backend: Optional[str] = None, query_chunk: int = QUERY_CHUNK) -> str:
+  """The name in `ATTENTION_FNS` that `name` stands for; "auto" picks by backend:
+
+  - a GPU in half precision: "cudnn";
+  - a CPU: the bias folded into q k^T when that adds at most head_dim columns (a
+    window's kh + kw; faster on a CPU, BENCHMARKS.md's window fold, while a 64x64
+    grid's 128 columns cost more than they save), and more than `query_chunk`
+    queries scored a chunk at a time, which keeps the (N, N) scores in cache;
+  - otherwise "xla". Without `k_size` the CPU rules are not applied (a summary).
+  """
+  if name != "auto" and name not in ATTENTION_FNS:
+    raise ValueError(f"Unknown attention implementation {name!r}; choose one of "
+                     f"{['auto', *ATTENTION_FNS]}.")
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if implementation == "auto":
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-  if implementation == "cudnn" and not half:
+  if name == "cudnn" and not half:
     raise ValueError("attention 'cudnn' (flash attention) needs a bfloat16 or float16 model "
                      "(config.dtype); use 'xla' or 'auto' for float32.")
-  return implementation
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  if half and backend == "gpu":
+    return "cudnn"
+  if backend != "cpu" or k_size is None:
+    return "xla"
+  fold = use_rel_pos and sum(k_size) <= head_dim
+  chunk = bool(query_chunk) and k_size[0] * k_size[1] > query_chunk
+  return "xla" + ("_folded" if fold else "") + ("_chunked" if chunk else "")
 
 
 class Attention(nn.Module):
@@ -213,27 +273,23 @@ class Attention(nn.Module):
   input_size: Tuple[int, int] = (14, 14)  # sizes the relative-position tables
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
-  # "xla", "cudnn" (GPU, half precision) or "auto"; see `resolve_attention`.
+  # A name in ATTENTION_FNS, or "auto" (see `resolve_attention`).
   implementation: str = "auto"
-  # With XLA on CPU, grids of more tokens are attended this many queries of
-  # one head at a time (see `chunked_attention`); 0 scores every query at
-  # once, as on accelerators, where the sequential chunks would only cost.
-  # Windows (196 tokens) are never chunked; a 64x64 global grid is.
-  query_chunk: int = 256
+  query_chunk: int = QUERY_CHUNK  # queries per chunk of the "*_chunked" implementations
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, dim = x.shape
     head_dim = dim // self.num_heads
-    implementation = resolve_attention(self.implementation, self.dtype)
+    name = resolve_attention(self.implementation, self.dtype, (h, w), head_dim,
+                             self.use_rel_pos, query_chunk=self.query_chunk)
+    attention_fn = ATTENTION_FNS[name]
+    if name.endswith("_chunked"):
+      attention_fn = functools.partial(attention_fn, query_chunk=self.query_chunk)
     qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-    if implementation == "cudnn":
-      # (B, tokens, heads, d), cuDNN's layout, is a plain reshape of qkv: no transposes.
-      qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-      q, k, v = einops.rearrange(
-          qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=self.num_heads)
+    # (B, tokens, heads, d), a plain reshape of qkv.
+    qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     rel_h = rel_w = None
     if self.use_rel_pos:
       init = nn.initializers.zeros
@@ -242,20 +298,7 @@ class Attention(nn.Module):
       rel_h, rel_w = decomposed_rel_pos_terms(
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
     q = q * head_dim**-0.5
-    if implementation == "cudnn":
-      x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
-    else:
-      on_cpu = jax.default_backend() == "cpu"
-      if rel_h is not None and sum((h, w)) <= head_dim and on_cpu:
-        # Windows: the bias as kh + kw more columns of one product rather than
-        # added in the softmax's fusion, faster on a CPU (BENCHMARKS.md, the
-        # window fold); a 64x64 grid's 128 columns cost more than they save.
-        # CPU only: not yet measured on an accelerator.
-        q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
-        rel_h = rel_w = None
-      chunk = self.query_chunk if on_cpu else 0
-      x = chunked_attention(q, k, v, rel_h, rel_w, (h, w), chunk)
-      x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
+    x = attention_fn(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
 
 
@@ -269,7 +312,7 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  attention: str = "auto"  # the attention's implementation
+  attention: str = "auto"  # a name in ATTENTION_FNS, or "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -321,8 +364,8 @@ class ImageEncoderViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False  # rematerialise each block in the backward pass
   dtype: jnp.dtype = jnp.float32
-  # Attention implementations ("auto", "xla", "cudnn") of the global and the
-  # windowed blocks, which differ in sequence length (4096 and 196 at 1024).
+  # Attention implementations (names in ATTENTION_FNS, or "auto") of the global
+  # and the windowed blocks, which differ in sequence length (4096 and 196 at 1024).
   attention: str = "auto"
   window_attention: str = "auto"
 

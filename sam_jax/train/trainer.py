@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import demo_data, embedding_cache, flops, optim, preemption, recipe
+from sam_jax.train import demo_data, embedding_cache, eval_data, flops, optim, preemption, recipe
 from sam_jax.train import sharding as shard_lib
 
 State = Dict[str, Any]
@@ -44,7 +44,7 @@ class DataError(ValueError):
   """The training data is too corrupt to train on (see WORKDIR/skipped_examples.json)."""
 
 
-def model_config(config) -> ml_collections.ConfigDict:
+def resolve_model_config(config) -> ml_collections.ConfigDict:
   """The model's config: `config.model`, or a checkpoint's with `config.model` overrides."""
   if config.get("model_init"):
     mcfg = load_config(config.model_init)
@@ -56,7 +56,7 @@ def model_config(config) -> ml_collections.ConfigDict:
 
 def initial_params(config, model) -> Any:
   if config.get("model_init"):
-    _, params = load_sam(config.model_init, image_size=model_config(config).image_size)
+    _, params = load_sam(config.model_init, image_size=resolve_model_config(config).image_size)
     return params
   return init_params(model, jax.random.key(config.seed))
 
@@ -66,7 +66,7 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config = config
-    self.mcfg = model_config(config)
+    self.mcfg = resolve_model_config(config)
     self.model = build_sam(self.mcfg)
     self.mesh = mesh if mesh is not None else shard_lib.make_mesh(config.mesh_shape)
     self.abstract_params = abstract_params(self.model)
@@ -237,9 +237,12 @@ def _prepare_data(config, workdir: str):
   return train_dir, eval_dir
 
 
-def run_eval(trainer: Trainer, params, examples, num_clicks: int):
+def run_eval(model, params, dataset, eval_config):
+  """`config.eval`'s protocol (sam_jax.train.evaluate) on the first `num_images` held-out images."""
   from sam_jax.train import evaluate  # scipy only when evaluating
-  return evaluate.evaluate(trainer.model, params, examples, num_clicks)
+  indices = range(min(eval_config.num_images or len(dataset), len(dataset)))
+  return evaluate.evaluate_model(model, params, dataset, evaluate.training_protocol(eval_config),
+                                 indices, pictures=4)
 
 
 def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
@@ -285,7 +288,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
 def open_data(config, workdir: str, trainer: Trainer):
   """The training examples, and the held-out examples to evaluate on (None without)."""
   mcfg = trainer.mcfg
-  image_hw = image_size_hw(mcfg)
+  image_hw = image_size_hw(mcfg.image_size)
   low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
   train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
@@ -296,8 +299,8 @@ def open_data(config, workdir: str, trainer: Trainer):
                                     config.eval.max_masks, mcfg.pixel_mean)
   if eval_src is None:
     return train_src, None
-  ex = data_lib.eval_examples(eval_src, config.eval.num_images)
-  return train_src, dict(images=ex["image"], masks=ex["masks"], valid=ex["valid"])
+  return train_src, eval_data.Sa1bRecords(eval_src.records, eval_src.description,
+                                          config.eval.max_masks)
 
 
 def _summary_path(workdir: str) -> str:
@@ -397,12 +400,12 @@ def evaluate_before_training(trainer: Trainer, state: State, eval_examples, conf
                              workdir: str) -> Dict[str, Any]:
   """The untrained model's prompt mIoUs (its 1-point masks kept for the final picture)."""
   # The state's parameters, placed as after training: the evaluation compiles once.
-  res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
-  if jax.process_index() == 0:
-    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
-  print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
+  res = run_eval(trainer.model, _gathered(state["params"]), eval_examples, config.eval)
+  if jax.process_index() == 0 and "pictures" in res:
+    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["pictures"]["pred"])
+  print(f"Before training: 1-point mIoU {res['miou_1point_default']:.3f}, "
         f"box mIoU {res['miou_box']:.3f}", flush=True)
-  return {k: v for k, v in res.items() if k != "masks_1point"}
+  return {k: v for k, v in res.items() if k != "pictures"}
 
 
 def with_embedding_cache(config, trainer: Trainer, state: State, train_src, workdir: str,
@@ -617,15 +620,16 @@ def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, w
   out = {}
   params = _gathered(state["params"])
   if eval_examples is not None:
-    res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
-    out["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-    if jax.process_index() == 0:
-      _write_picture(workdir, eval_examples, res["masks_1point"])
-    u = untrained
-    print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
-          f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
-          f"{res['miou_box']:.3f}; after {config.eval.num_clicks} clicks: "
-          f"{res['miou_clicks'][-1]:.3f} ({res['num_masks']} held-out masks)", flush=True)
+    res = run_eval(trainer.model, params, eval_examples, config.eval)
+    out["trained"] = {k: v for k, v in res.items() if k != "pictures"}
+    if jax.process_index() == 0 and "pictures" in res:
+      _write_picture(workdir, res["pictures"])
+    u, k = untrained, str(config.eval.num_clicks)
+    print(f"1-point mIoU: untrained {u.get('miou_1point_default', float('nan')):.3f} -> trained "
+          f"{res['miou_1point_default']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
+          f"{res['miou_box']:.3f}; after {k} points: "
+          f"{u.get('miou_points', {}).get(k, float('nan')):.3f} -> {res['miou_points'][k]:.3f} "
+          f"({res['num_masks']} held-out masks)", flush=True)
   if config.get("export") and jax.process_index() == 0:
     export_dir = os.path.join(workdir, "export")
     save_sam(export_dir, trainer.mcfg, jax.device_get(params), overwrite=True)
@@ -693,20 +697,21 @@ def _check_finite(pending, mgr, limits: Optional[_Divergence] = None):
   return host
 
 
-def _write_picture(workdir, examples, masks):
+def _write_picture(workdir, pictures):
   from sam_jax.train import evaluate
-  points = np.zeros(examples["valid"].shape + (2,), np.float32)
-  for i, j in zip(*np.nonzero(examples["valid"])):
-    points[i, j] = evaluate.interior_point(examples["masks"][i, j].astype(bool))
-  cols, titles = [examples["masks"].astype(bool)], ["ground truth"]
+  valid = pictures["valid"]
+  points = np.zeros(valid.shape + (2,), np.float32)
+  for i, j in zip(*np.nonzero(valid)):
+    points[i, j] = evaluate.interior_point(pictures["gt"][i, j])
+  cols, titles = [pictures["gt"]], ["ground truth"]
   untrained = os.path.join(workdir, "untrained_masks_1point.npy")
-  if os.path.exists(untrained):
+  if os.path.exists(untrained) and np.load(untrained).shape == pictures["pred"].shape:
     cols.append(np.load(untrained))
     titles.append("untrained, 1 point")
-  cols.append(masks)
+  cols.append(pictures["pred"])
   titles.append("trained, 1 point")
   path = os.path.join(workdir, "predictions.png")
-  evaluate.render(path, examples["images"], cols, titles, points, examples["valid"])
+  evaluate.render(path, pictures["images"], cols, titles, points, valid)
   print(f"Wrote {path}", flush=True)
 
 
@@ -722,21 +727,21 @@ def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dic
     raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
   model, params = load_sam(ckpt)
   _, eval_dir = _prepare_data(config, workdir)
-  size = image_size_hw(load_config(ckpt))
+  size = image_size_hw(load_config(ckpt).image_size)
   src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, size, size,
                                config.eval.max_masks, load_config(ckpt).pixel_mean)
   if src is None:
     raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout), or tfds_name and "
                      "eval_split, to evaluate on.")
-  ex = data_lib.eval_examples(src, config.eval.num_images or len(src))
-  from sam_jax.train import evaluate
-  res = evaluate.evaluate(model, params, dict(images=ex["image"], masks=ex["masks"],
-                                              valid=ex["valid"]), config.eval.num_clicks)
-  res = {k: v for k, v in res.items() if k != "masks_1point"}
-  clicks = ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["miou_clicks"]))
-  print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
-        f"{res['miou_1point']:.3f}, box mIoU {res['miou_box']:.3f}, after k clicks {clicks}",
-        flush=True)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
+  dataset = eval_data.Sa1bRecords(src.records, src.description, config.eval.max_masks)
+  # Every process evaluates its share of the images; all get the gathered result.
+  res = run_eval(model, params, dataset, config.eval)
+  res = {k: v for k, v in res.items() if k != "pictures"}
+  points = ", ".join(f"{k}: {v:.3f}" for k, v in res["miou_points"].items())
+  if jax.process_index() == 0:
+    print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
+          f"{res['miou_1point_default']:.3f} (oracle {res['miou_1point_oracle']:.3f}), box mIoU "
+          f"{res['miou_box']:.3f}, after k points {points}", flush=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
   return res
