@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from sam_jax.train import embedding_cache, preemption, trainer
+from tests.conftest import tiny_train_config as tiny_config
 from tests.test_train_embedding_cache import small_config as cached_config
-from tests.test_train_loop import tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

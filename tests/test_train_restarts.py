@@ -20,8 +20,8 @@ import pytest
 
 from sam_jax.checkpoint import load_sam
 from sam_jax.train import preemption
+from tests.conftest import FAST_COMPILE_FLAGS, ROOT
 from tests.test_train_multiprocess import _flatten, _write_model_init, small_config
-from tests.test_train_sharding import FAST_COMPILE_FLAGS, ROOT
 
 pytestmark = pytest.mark.slow
 
