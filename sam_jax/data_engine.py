@@ -244,8 +244,11 @@ def is_done(output: str, name: str) -> bool:
   return os.path.exists(os.path.join(output, name + ".json"))
 
 
-def check_output(output: str, inputs: str, settings: Dict[str, Any]) -> None:
-  """OUT is new, empty, or an earlier run's with the same settings; never inside the input."""
+def check_output(output: str, inputs: str, settings: Dict[str, Any], claim: bool = True) -> None:
+  """OUT is new, empty, or an earlier run's with the same settings; never inside the input.
+
+  `claim`: records the settings in OUT (one process does; the others check them).
+  """
   if not inputs.startswith("tfds:") and _is_inside(output, inputs):
     raise ValueError(f"--output {output} is inside --input {inputs}: its images would be read "
                      "as input on a rerun. Choose an output folder outside the input.")
@@ -259,11 +262,12 @@ def check_output(output: str, inputs: str, settings: Dict[str, Any]) -> None:
           f"{output} was annotated with other settings ({', '.join(diff)}: "
           f"{[before.get(k) for k in diff]} then, {[settings.get(k) for k in diff]} now). "
           "Rerun with the same command to resume, or choose a new --output.")
-  elif os.path.isdir(output) and os.listdir(output):
+  elif os.path.isdir(output) and [f for f in os.listdir(output) if not f.endswith(TMP_SUFFIX)]:
     raise ValueError(f"--output {output} holds files that the data engine did not write. "
                      "Choose a new or empty folder.")
-  os.makedirs(output, exist_ok=True)
-  atomic_write(run_file, json.dumps(settings, indent=1, sort_keys=True).encode())
+  if claim:
+    os.makedirs(output, exist_ok=True)
+    atomic_write(run_file, json.dumps(settings, indent=1, sort_keys=True).encode())
 
 
 def _rate(n: float, seconds: float) -> float:
@@ -366,7 +370,8 @@ def _read_human(existing: str, name: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
-def annotate(args: argparse.Namespace) -> int:
+def annotate(args: argparse.Namespace, loaded=None) -> int:
+  """The `annotate` command; `loaded`: (model, params) in place of reading --checkpoint."""
   import jax  # noqa: PLC0415 - after jax.distributed is initialised
 
   from sam_jax.checkpoint import load_sam  # noqa: PLC0415
@@ -378,18 +383,15 @@ def annotate(args: argparse.Namespace) -> int:
   if args.existing and not os.path.isdir(args.existing):
     raise FileNotFoundError(f"--existing {args.existing} is not a folder.")
   pid, count = jax.process_index(), jax.process_count()
-  if pid == 0:
-    check_output(args.output, args.input, _settings(args))
-  if count > 1:
-    from sam_jax.train import sharding  # noqa: PLC0415
-    sharding.sync_processes("sam_jax data_engine output checked")
-    check_output(args.output, args.input, _settings(args))
+  # Every process checks (a bad OUT stops them all, none left waiting); process 0 claims OUT.
+  check_output(args.output, args.input, _settings(args), claim=pid == 0)
+  os.makedirs(args.output, exist_ok=True)
   share = items[pid::count]  # disjoint, and together every image
   todo = [it for it in share if not is_done(args.output, it.name)]
   already = len(share) - len(todo)
   index = {it.name: i for i, it in enumerate(items)}  # image_id: the position in the input
 
-  model, params = load_sam(args.checkpoint)
+  model, params = loaded or load_sam(args.checkpoint)
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
                        axis_types=(jax.sharding.AxisType.Auto,))
   generator = make_generator(args, model, params, mesh)
@@ -520,6 +522,108 @@ def score_table(result: Dict[str, Any]) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+# --- a model-in-the-loop round on the demo's shapes ------------------------
+
+
+def _round_config(train_dir: str, eval_dir: str, steps: int, seed: int, eval_images: int):
+  from configs import demo  # noqa: PLC0415
+  c = demo.get_config("quick")
+  c.data.generate = None
+  c.data.train_dir, c.data.eval_dir = train_dir, eval_dir
+  c.total_steps, c.seed = steps, seed
+  c.optim.decay_steps = (int(steps * 5 / 6),)
+  c.checkpoint_every, c.export = steps, True
+  c.eval.num_images, c.eval.before_training = eval_images, False
+  return c
+
+
+def _link_examples(src: str, dst: str) -> int:
+  """Hard-links (else copies) every NAME.json and its image from `src` into `dst`."""
+  import shutil  # noqa: PLC0415
+  os.makedirs(dst, exist_ok=True)
+  n = 0
+  for f in sorted(os.listdir(src)):
+    stem, ext = os.path.splitext(f)
+    if ext.lower() in IMAGE_EXTENSIONS and os.path.exists(os.path.join(src, stem + ".json")):
+      for g in (f, stem + ".json"):
+        if not os.path.exists(os.path.join(dst, g)):
+          try:
+            os.link(os.path.join(src, g), os.path.join(dst, g))
+          except OSError:
+            shutil.copy(os.path.join(src, g), os.path.join(dst, g))
+      n += 1
+  return n
+
+
+def engine_round(args: argparse.Namespace) -> Dict[str, Any]:
+  """Train on the labelled shapes; annotate the unlabelled ones; retrain on both; compare.
+
+  Every arm trains from scratch for the same steps with the same seed, and is
+  scored on the same held-out images (the trainer's 1-point, box and 5-click mIoU).
+  """
+  from sam_jax.train import demo_data, trainer  # noqa: PLC0415
+  w = os.path.abspath(args.workdir)
+  d = os.path.join(w, "data")
+  labelled, unlabelled_gt = os.path.join(d, "labelled"), os.path.join(d, "unlabelled_gt")
+  unlabelled, heldout = os.path.join(d, "unlabelled_images"), os.path.join(d, "heldout")
+  size, shapes = 128, 5  # as configs/demo.py
+  demo_data.write_dataset(labelled, args.num_labelled, size, shapes, seed=10, prefix="lab_")
+  demo_data.write_dataset(unlabelled_gt, args.num_unlabelled, size, shapes, seed=11,
+                          prefix="unl_")
+  demo_data.write_dataset(heldout, args.num_heldout, size, shapes, seed=12, prefix="held_")
+  os.makedirs(unlabelled, exist_ok=True)
+  for f in os.listdir(unlabelled_gt):
+    if f.endswith(".jpg") and not os.path.exists(os.path.join(unlabelled, f)):
+      os.link(os.path.join(unlabelled_gt, f), os.path.join(unlabelled, f))
+
+  def train(name: str, train_dir: str) -> Dict[str, Any]:
+    config = _round_config(train_dir, heldout, args.steps, args.seed, args.num_heldout)
+    summary = trainer.train_and_evaluate(config, os.path.join(w, name))
+    t = summary["trained"]
+    return dict(train_images=sum(f.endswith(".json") for f in os.listdir(train_dir)),
+                miou_1point=t["miou_1point"],
+                miou_box=t["miou_box"], miou_5clicks=t["miou_clicks"][-1],
+                heldout_masks=t["num_masks"])
+
+  results: Dict[str, Any] = {}
+  results["labelled only"] = train("labelled", labelled)
+  engine_out = os.path.join(w, "engine")
+  flags = ["--checkpoint", os.path.join(w, "labelled", "export"), "--input", unlabelled,
+           "--output", engine_out, "--quiet", *args.engine_flags]
+  if main(["annotate", *flags]) != 0:
+    raise RuntimeError("annotate failed; see above")
+  results["engine masks vs withheld ground truth"] = score(engine_out, unlabelled_gt)
+  results["engine stats"] = _read_json(os.path.join(engine_out, STATS_FILE))["total"]
+  both = os.path.join(d, "labelled_plus_engine")
+  _link_examples(labelled, both)
+  _link_examples(engine_out, both)
+  results["labelled + engine masks"] = train("labelled_plus_engine", both)
+  if args.oracle:
+    oracle = os.path.join(d, "labelled_plus_ground_truth")
+    _link_examples(labelled, oracle)
+    _link_examples(unlabelled_gt, oracle)
+    results["labelled + ground truth (oracle)"] = train("labelled_plus_ground_truth", oracle)
+  atomic_write(os.path.join(w, "round.json"), json.dumps(results, indent=1).encode())
+  return results
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def round_table(results: Dict[str, Any]) -> str:
+  lines = ["| trained on | images | 1-point mIoU | box mIoU | 5-click mIoU |",
+           "|---|---:|---:|---:|---:|"]
+  for name, r in results.items():
+    if "miou_1point" in r:
+      lines.append(f"| {name} | {r['train_images']} | {r['miou_1point']:.3f} | "
+                   f"{r['miou_box']:.3f} | {r['miou_5clicks']:.3f} |")
+  s = results["engine masks vs withheld ground truth"]
+  lines += ["", "Engine masks against the withheld ground truth:", "", score_table(s)]
+  return "\n".join(lines)
+
+
 # --- command line ---------------------------------------------------------
 
 
@@ -563,12 +667,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   s.add_argument("--auto", required=True, help="An annotate output folder.")
   s.add_argument("--reference", required=True, help="A folder of reference NAME.json files.")
   s.add_argument("--json", default=None, help="Also write the result here.")
+
+  r = sub.add_parser("round", help="A model-in-the-loop round on the demo's shapes, on CPU.")
+  r.add_argument("--workdir", required=True)
+  r.add_argument("--num-labelled", type=int, default=100)
+  r.add_argument("--num-unlabelled", type=int, default=300)
+  r.add_argument("--num-heldout", type=int, default=48)
+  r.add_argument("--steps", type=int, default=400, help="Training steps of every arm.")
+  r.add_argument("--seed", type=int, default=0)
+  r.add_argument("--oracle", action="store_true",
+                 help="Also train on the unlabelled images' true masks: the upper bound.")
+  r.add_argument("--engine-flags", nargs=argparse.REMAINDER, default=[],
+                 help="annotate's generator flags (last on the line).")
   return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   try:
+    if args.command == "round":
+      print(round_table(engine_round(args)))
+      return 0
     if args.command == "score":
       result = score(args.auto, args.reference)
       print(score_table(result))
