@@ -13,7 +13,7 @@ images of a batch are embedded together, split over the local devices; with
 several processes (`--distributed`, or the three flags spelled out, as
 train.py) each takes its own disjoint share of the images. A rerun skips the
 images already written (each JSON appears by an atomic rename, after its
-image), SIGTERM stops after the image in hand, and a corrupt image is listed
+image), SIGTERM stops after the image in hand (exit status 75, as train.py), and a corrupt image is listed
 in `OUT/engine_stats.json` and skipped. See docs/data_engine.md.
 """
 
@@ -37,6 +37,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 STATS_FILE = "engine_stats.json"
 RUN_FILE = "engine_run.json"  # the settings of the run that owns OUT; a rerun must match them
 TMP_SUFFIX = ".engine-tmp"
+# SIGTERM's clean stop, as train.py's (docs/preemption.md): sysexits' EX_TEMPFAIL, "rerun";
+# neither 0 (a scheduler would take it for finished) nor 1 (an error).
+PREEMPTED_EXIT = 75
 SOURCE_KEY = "source"  # where an annotation came from ("auto" or "human"); readers ignore it
 
 # The paper's fully automatic stage (Kirillov et al., "Segment Anything", 2023,
@@ -296,7 +299,8 @@ def merge_stats(per_process: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
   return dict(processes=per_process, total=total)
 
 
-def write_stats(output: str, process_index: int, stats: Dict[str, Any]) -> None:
+def write_stats(output: str, process_index: int, process_count: int,
+                stats: Dict[str, Any]) -> None:
   """This process's stats file, then (process 0) OUT/engine_stats.json from all of them."""
   atomic_write(os.path.join(output, f"engine_stats.process_{process_index}.json"),
                json.dumps(stats, indent=1).encode())
@@ -305,7 +309,7 @@ def write_stats(output: str, process_index: int, stats: Dict[str, Any]) -> None:
   per_process = {}
   for f in sorted(os.listdir(output)):
     match = re.fullmatch(r"engine_stats\.process_(\d+)\.json", f)
-    if match:
+    if match and int(match.group(1)) < process_count:  # not a larger earlier run's
       with open(os.path.join(output, f)) as fh:
         per_process[match.group(1)] = json.load(fh)
   atomic_write(os.path.join(output, STATS_FILE), json.dumps(merge_stats(per_process),
@@ -408,7 +412,7 @@ def annotate(args: argparse.Namespace, loaded=None) -> int:
     for first in range(0, len(todo), batch):
       if signals.stopped:
         break
-      loaded = []
+      ready = []
       for it in todo[first:first + batch]:
         try:
           content = it.read()
@@ -420,18 +424,26 @@ def annotate(args: argparse.Namespace, loaded=None) -> int:
           logging.warning("Skipping %s: %s", it.where, corrupt[it.where])
           bar.update(1)
           continue
-        loaded.append((it, content, image, ext))
-      if not loaded:
+        ready.append((it, content, image, ext))
+      if not ready:
         continue
-      results = generator.generate_batch([image for _, _, image, _ in loaded])
-      for (it, content, image, ext), records in zip(loaded, results):
+      results = generator.generate_batch([image for _, _, image, _ in ready])
+      for (it, content, image, ext), records in zip(ready, results):
         h, w = image.shape[:2]
         record = sa1b_record(it.name, index[it.name], it.name + ext, h, w, records,
                              args.max_mask_fraction)
         if args.existing:
-          human = _read_human(args.existing, it.name)
-          if human is not None:
-            record = merge_human(record, human, args.merge_iou_thresh)
+          try:
+            human = _read_human(args.existing, it.name)
+            if human is not None:
+              record = merge_human(record, human, args.merge_iou_thresh)
+          except Exception as e:  # noqa: BLE001 - listed, and the image left for a rerun
+            where = os.path.join(args.existing, it.name + ".json")
+            corrupt[where] = f"{type(e).__name__}: {e}"
+            logging.warning("Skipping %s: its human masks %s: %s", it.where, where,
+                            corrupt[where])
+            bar.update(1)
+            continue
         atomic_write(os.path.join(args.output, it.name + ext), content)
         atomic_write(os.path.join(args.output, it.name + ".json"), json.dumps(record).encode())
         done += 1
@@ -448,18 +460,18 @@ def annotate(args: argparse.Namespace, loaded=None) -> int:
   if count > 1 and stopped is None:  # process 0 merges every process's stats once all are written
     from sam_jax.train import sharding  # noqa: PLC0415
     if pid:
-      write_stats(args.output, pid, stats)
+      write_stats(args.output, pid, count, stats)
     sharding.sync_processes("sam_jax data_engine annotated")
     if not pid:
-      write_stats(args.output, pid, stats)
+      write_stats(args.output, pid, count, stats)
   else:  # a stopped process does not wait for the others: process 0 merges what is there
-    write_stats(args.output, pid, stats)
+    write_stats(args.output, pid, count, stats)
   if stopped:
     print(f"Stopped by SIGTERM after {done} images, every finished one written; rerun the "
           "same command to annotate the rest.", file=sys.stderr)
-  else:
-    print(f"{done} images annotated ({masks} masks), {already} done before, {len(corrupt)} "
-          f"unreadable; {os.path.join(args.output, STATS_FILE)}", file=sys.stderr)
+    return PREEMPTED_EXIT
+  print(f"{done} images annotated ({masks} masks), {already} done before, {len(corrupt)} "
+        f"unreadable; {os.path.join(args.output, STATS_FILE)}", file=sys.stderr)
   return 0
 
 
@@ -538,20 +550,25 @@ def _round_config(train_dir: str, eval_dir: str, steps: int, seed: int, eval_ima
 
 
 def _link_examples(src: str, dst: str) -> int:
-  """Hard-links (else copies) every NAME.json and its image from `src` into `dst`."""
+  """Hard-links (else copies) into `dst` every example of `src` that has a mask; returns their
+  number. An image without masks teaches nothing and takes a batch row from one that does."""
   import shutil  # noqa: PLC0415
   os.makedirs(dst, exist_ok=True)
   n = 0
   for f in sorted(os.listdir(src)):
     stem, ext = os.path.splitext(f)
-    if ext.lower() in IMAGE_EXTENSIONS and os.path.exists(os.path.join(src, stem + ".json")):
-      for g in (f, stem + ".json"):
-        if not os.path.exists(os.path.join(dst, g)):
-          try:
-            os.link(os.path.join(src, g), os.path.join(dst, g))
-          except OSError:
-            shutil.copy(os.path.join(src, g), os.path.join(dst, g))
-      n += 1
+    ann = os.path.join(src, stem + ".json")
+    if ext.lower() not in IMAGE_EXTENSIONS or not os.path.exists(ann):
+      continue
+    if not _read_json(ann)["annotations"]:
+      continue
+    for g in (f, stem + ".json"):
+      if not os.path.exists(os.path.join(dst, g)):
+        try:
+          os.link(os.path.join(src, g), os.path.join(dst, g))
+        except OSError:
+          shutil.copy(os.path.join(src, g), os.path.join(dst, g))
+    n += 1
   return n
 
 
@@ -561,8 +578,12 @@ def engine_round(args: argparse.Namespace) -> Dict[str, Any]:
   Every arm trains from scratch for the same steps with the same seed, and is
   scored on the same held-out images (the trainer's 1-point, box and 5-click mIoU).
   """
+  import jax  # noqa: PLC0415
+
   from sam_jax.train import demo_data, trainer  # noqa: PLC0415
   w = os.path.abspath(args.workdir)
+  if not jax.config.jax_compilation_cache_dir:  # the arms' training steps compile once
+    jax.config.update("jax_compilation_cache_dir", os.path.join(w, "jax_cache"))
   d = os.path.join(w, "data")
   labelled, unlabelled_gt = os.path.join(d, "labelled"), os.path.join(d, "unlabelled_gt")
   unlabelled, heldout = os.path.join(d, "unlabelled_images"), os.path.join(d, "heldout")
@@ -585,25 +606,32 @@ def engine_round(args: argparse.Namespace) -> Dict[str, Any]:
                 miou_box=t["miou_box"], miou_5clicks=t["miou_clicks"][-1],
                 heldout_masks=t["num_masks"])
 
-  results: Dict[str, Any] = {}
+  # Arms that do not depend on the engine's flags are reused (resumed, then only
+  # evaluated) by a rerun with other flags; the engine's own get a folder per flag set.
+  import hashlib  # noqa: PLC0415
+  tag = hashlib.sha256(" ".join(args.engine_flags).encode()).hexdigest()[:8]
+  results: Dict[str, Any] = {"engine flags": " ".join(args.engine_flags)}
   results["labelled only"] = train("labelled", labelled)
-  engine_out = os.path.join(w, "engine")
+  engine_out = os.path.join(w, f"engine_{tag}")
   flags = ["--checkpoint", os.path.join(w, "labelled", "export"), "--input", unlabelled,
            "--output", engine_out, "--quiet", *args.engine_flags]
   if main(["annotate", *flags]) != 0:
     raise RuntimeError("annotate failed; see above")
   results["engine masks vs withheld ground truth"] = score(engine_out, unlabelled_gt)
   results["engine stats"] = _read_json(os.path.join(engine_out, STATS_FILE))["total"]
-  both = os.path.join(d, "labelled_plus_engine")
+  both = os.path.join(d, f"labelled_plus_engine_{tag}")
   _link_examples(labelled, both)
-  _link_examples(engine_out, both)
-  results["labelled + engine masks"] = train("labelled_plus_engine", both)
+  if _link_examples(engine_out, both):
+    results["labelled + engine masks"] = train(f"labelled_plus_engine_{tag}", both)
+  else:  # nothing to add: the same training set, so the same run
+    results["labelled + engine masks"] = dict(
+        results["labelled only"], note="the engine kept no mask: labelled only, unchanged")
   if args.oracle:
     oracle = os.path.join(d, "labelled_plus_ground_truth")
     _link_examples(labelled, oracle)
     _link_examples(unlabelled_gt, oracle)
     results["labelled + ground truth (oracle)"] = train("labelled_plus_ground_truth", oracle)
-  atomic_write(os.path.join(w, "round.json"), json.dumps(results, indent=1).encode())
+  atomic_write(os.path.join(w, f"round_{tag}.json"), json.dumps(results, indent=1).encode())
   return results
 
 
@@ -613,10 +641,11 @@ def _read_json(path: str) -> Any:
 
 
 def round_table(results: Dict[str, Any]) -> str:
-  lines = ["| trained on | images | 1-point mIoU | box mIoU | 5-click mIoU |",
+  lines = [f"Engine flags: {results['engine flags'] or '(the defaults)'}", "",
+           "| trained on | images | 1-point mIoU | box mIoU | 5-click mIoU |",
            "|---|---:|---:|---:|---:|"]
   for name, r in results.items():
-    if "miou_1point" in r:
+    if isinstance(r, dict) and "miou_1point" in r:
       lines.append(f"| {name} | {r['train_images']} | {r['miou_1point']:.3f} | "
                    f"{r['miou_box']:.3f} | {r['miou_5clicks']:.3f} |")
   s = results["engine masks vs withheld ground truth"]

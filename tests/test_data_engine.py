@@ -195,7 +195,7 @@ def test_sigterm_finishes_the_image_in_hand_and_stops(checkpoint, shapes, tmp_pa
     return real_record(*args, **kwargs)
 
   monkeypatch.setattr(data_engine, "sa1b_record", record_then_sigterm)
-  assert annotate(checkpoint, images, out) == 0
+  assert annotate(checkpoint, images, out) == data_engine.PREEMPTED_EXIT == 75
   assert "Stopped by SIGTERM after 1 images" in capsys.readouterr().err
   assert len(outputs(out)) == 1
   stats = read_json(out / data_engine.STATS_FILE)["processes"]["0"]
@@ -393,3 +393,18 @@ def test_generate_batch_equals_generate_image_by_image(checkpoint, shapes):
     for a, b in zip(ours, theirs):
       assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"]
       np.testing.assert_allclose(a["predicted_iou"], b["predicted_iou"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_round_runs_end_to_end(tmp_path, capsys):
+  """The model-in-the-loop round, shrunk to 2 steps an arm: every arm trained and scored."""
+  work = tmp_path / "round"
+  assert data_engine.main([
+      "round", "--workdir", str(work), "--num-labelled", "4", "--num-unlabelled", "3",
+      "--num-heldout", "2", "--steps", "2", "--engine-flags", *OPEN]) == 0
+  table = capsys.readouterr().out
+  assert "| labelled only | 4 |" in table and "| labelled + engine masks |" in table
+  (result,) = [f for f in os.listdir(work) if f.startswith("round_")]
+  result = read_json(work / result)
+  assert result["engine masks vs withheld ground truth"]["images"] == 3
+  assert result["engine stats"]["images"] == 3
