@@ -32,7 +32,6 @@ import numpy as np
 
 from benchmarks import timing
 from benchmarks.models import astronaut, jax_model, paired_models
-from benchmarks.seed_attention import seed_attention
 
 BENCHMARKS = ("encoder", "attention", "decoder", "predict", "amg", "engine", "train")
 
@@ -77,9 +76,7 @@ def _xla_memory_mb(compiled) -> Dict[str, float]:
 def _compile(fn, *args):
   """(compiled executable, seconds to trace, lower and compile)."""
   t = time.perf_counter()
-  # A fresh wrapper each time: JAX caches traces by function, and a swapped
-  # module (seed_attention) must be traced again.
-  compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+  compiled = jax.jit(fn).lower(*args).compile()
   return compiled, time.perf_counter() - t
 
 
@@ -107,24 +104,17 @@ def bench_encoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
     x = np.random.RandomState(0).uniform(0, 255, (batch, h, w, 3)).astype(np.float32)
     xt = _nchw(x).to(ref_dtype)
     xj = jnp.asarray(x)
-    compiled, compile_s = {}, {}
-    compiled["sam_jax"], compile_s["sam_jax"] = _compile(embed, params, xj)
-    if args.seed_attention:
-      with seed_attention():
-        compiled["seed"], compile_s["seed"] = _compile(embed, params, xj)
+    compiled, compile_s = _compile(embed, params, xj)
 
     def reference():
       with torch.inference_mode():
         return ref_encoder.image_encoder(ref_encoder.preprocess(xt))
 
-    fns = {name: (lambda c=c: c(params, xj)) for name, c in compiled.items()}
-    fns["reference"] = reference
     on_cpu = timing.torch_device() == "cpu"
-    res = timing.interleaved(fns, args.repeats_encoder, warmup=1 if on_cpu else 3,
-                             memory=on_cpu)
-    for name, c in compiled.items():
-      res[name]["compile_s"] = compile_s[name]
-      res[name].update(_xla_memory_mb(c))
+    res = timing.interleaved({"sam_jax": lambda: compiled(params, xj), "reference": reference},
+                             args.repeats_encoder, warmup=1 if on_cpu else 3, memory=on_cpu)
+    res["sam_jax"]["compile_s"] = compile_s
+    res["sam_jax"].update(_xla_memory_mb(compiled))
     peak = _torch_peak_mb(reference)
     if peak is not None:
       res["reference"]["cuda_peak_mb"] = peak
@@ -132,11 +122,6 @@ def bench_encoder(ref, model, params, variant, args) -> List[Dict[str, Any]]:
                 attention=_attention_of(model))
     rows.append(_row("encoder", "images/s", res["sam_jax"], res["reference"], per_call=batch,
                      **info))
-    if args.seed_attention:
-      info["attention"] = "seed (before the fast path)"
-      row = _row("encoder", "images/s", res["seed"], res["reference"], per_call=batch, **info)
-      row["fast_path_speedup"] = res["seed"]["median_s"] / res["sam_jax"]["median_s"]
-      rows.append(row)
   return rows
 
 
@@ -557,8 +542,6 @@ def parse_args(argv=None):
   p.add_argument("--crop-n-layers", type=int, default=None,
                  help="for engine: crop layers (the paper's 2; 0 with --quick)")
   p.add_argument("--repeats", type=int, default=None, help="timed repeats for every benchmark")
-  p.add_argument("--no-seed-attention", dest="seed_attention", action="store_false",
-                 help="skip the encoder row with the attention before the fast path")
   p.add_argument("--torch-threads", type=int, default=None,
                  help="torch.set_num_threads for the reference (default: torch's, one per core)")
   p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -584,8 +567,6 @@ def parse_args(argv=None):
     p.error(f"--train-batch-max: {jax.devices()[0].device_kind} reports no memory limit; "
             "give one with --memory-limit-gb")
   args.train_masks = args.train_masks or (2 if args.quick else 64)
-  if args.seed_attention and (gpu or args.dtype != "float32"):
-    args.seed_attention = False  # the before/after row is a CPU float32 one
   args.image_size = args.image_size or (256 if args.quick else 1024)
   args.prompts = [int(n) for n in args.prompts.split(",")] if not args.quick else [2]
   sizes = [re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", s) for s in args.photos.split(",")]
@@ -614,8 +595,7 @@ def format_row(row: Dict[str, Any]) -> str:
   if "error" in row:
     return f"{row['bench']:9s} {row['variant']:6s} FAILED: {row['error']}"[:600]
   j, r = row["sam_jax"], row.get("reference")
-  what = {"encoder": lambda: f"batch {row['batch']} {row['dtype']}"
-                             + (" SEED" if "seed" in row["attention"] else ""),
+  what = {"encoder": lambda: f"batch {row['batch']} {row['dtype']}",
           "attention": lambda: f"{row['block']} {row['mode']} {row['implementation']}",
           "decoder": lambda: f"{row['prompts']} prompts",
           "predict": lambda: "1 point, {}x{}".format(*row["image_hw"]),

@@ -34,8 +34,8 @@ def tiny_model(image_size: int = 128) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   """`arg` 'quick': the test's shortened run (400 steps, 3 prompt rounds in place of 11, no export).
 
-  A step of 11 rounds takes three times one of 3 (0.47 s against 0.15 s on 2
-  CPU cores); the test asks only that the model learns, which 3 rounds show.
+  A step's time grows with its rounds; the test (tests/test_train_demo.py) asks
+  only that the model learns, which 3 rounds show.
   """
   quick = arg == "quick"
   c = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@
       --config.data.tfds_data_dir=gs://.../tensorflow_datasets
 
 SA-1B is read through TFDS's `segment_anything` builder, prepared once in the
-array_record format (see the README). To read a folder in SA-1B's layout
+array_record format (see docs/training.md). To read a folder in SA-1B's layout
 instead (e.g. a few extracted SA-1B tars; one process copies it into TFDS
 first, which suits fine-tuning sizes rather than all 11M images), pass
 `--config.data.tfds_name=` and `--config.data.train_dir=/data/sa1b`. `arg`

@@ -34,9 +34,8 @@ def decode_points(model: Sam, params, cache, embeddings, points):
   return low_res[0], iou[0]
 
 
-# Masks scored per step of `filter_masks`: as many as fit about this many pixels.
-# On a 2-core CPU, 8 masks of 512 x 512 a step beat 1 (250 against 303 ms for
-# 64 x 3 masks); at 1500 x 2250, 1 beat 8 (3.4 against 3.7 s).
+# Masks scored per step of `filter_masks`: as many as fit about this many pixels,
+# several small masks or one large one (BENCHMARKS.md, the generator's filter).
 _PIXELS_PER_STEP = 1 << 21
 
 
@@ -57,8 +56,8 @@ def filter_masks(model: Sam, low_res, iou, valid, crop_box, orig_box, thresholds
     return (amg.stability_score(logits, MASK_THRESHOLD, stability_offset),
             amg.masks_to_boxes(logits > MASK_THRESHOLD))
 
-  # A mask or a few at a time: all K x 3 at once streamed their full-size
-  # logits through memory for each reader, about 2x slower (BENCHMARKS.md).
+  # A mask or a few at a time, while in cache: all K x 3 at once streamed their
+  # full-size logits through memory for each reader (BENCHMARKS.md, AMG rows).
   per_step = max(1, _PIXELS_PER_STEP // (crop_size[0] * crop_size[1]))
   stability, boxes = jax.lax.map(score, low_res.reshape(-1, *low_res.shape[-2:]),
                                  batch_size=per_step)

@@ -35,6 +35,9 @@ def _forms(what: str) -> List[str]:
 
 def parse_point(text: str) -> List[float]:
   values = _numbers(text, (2, 3), "--point")
+  if len(values) == 3 and values[2] not in (0.0, 1.0):
+    raise argparse.ArgumentTypeError(
+        f"--point's LABEL must be 1 (foreground) or 0 (background), got {text!r}.")
   return values if len(values) == 3 else values + [1.0]
 
 

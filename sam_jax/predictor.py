@@ -110,9 +110,8 @@ class SamPredictor:
     self.mesh = mesh
     # On the device once: host (NumPy) parameters would be copied at every call.
     self.params = jax.device_put(params, None if mesh is None else NamedSharding(mesh, P()))
-    # What the calls after the encoder read. A jitted call flattens every array
-    # it is passed, and the encoder's are most of them: 0.27 against 0.11 ms
-    # per call with vit_b's, 0.51 against 0.12 with vit_h's (BENCHMARKS.md).
+    # What the calls after the encoder read: a jitted call flattens every array
+    # it is passed, and the encoder's are most of them (BENCHMARKS.md, predict).
     self.prompt_params = {k: self.params[k] for k in PROMPT_SIDE}
     size = model.image_size
     self.transform = ResizeLongestSide(size[0] if size[0] == size[1] else size)
@@ -354,6 +353,9 @@ class SamPredictor:
     if masks.shape[1:] != (1, *want):
       raise ValueError(f"mask_input{where} must have shape (1, {want[0]}, {want[1]}) per prompt "
                        f"(low-resolution logits of an earlier prediction), got {masks.shape[1:]}.")
+    if not np.issubdtype(masks.dtype, np.number) or not np.all(np.isfinite(masks)):
+      raise ValueError(f"mask_input{where} must be finite numbers (logits), but holds NaN or "
+                       "Inf.")
     return masks.astype(np.float32)
 
   def _stack_padded(self, prompts):

@@ -56,10 +56,9 @@ def randomise_(module: torch.nn.Module, seed: int) -> None:
     elif t.ndim == 1:  # biases
       t.copy_(0.1 * noise)
     elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w")):
-      # Position tables at 0.1: at unit scale the rel-pos bias (q . R, std ~ 9
-      # for 80-channel heads) saturates the softmax and random 32-block stacks
-      # amplify rounding until fp32 torch itself is 1.2e-4 from its own fp64
-      # result. Any mapping error is still of order 0.1 relative, 1000x the tolerance.
+      # Position tables at 0.1: at unit scale the rel-pos bias saturates the
+      # softmax and deep random stacks amplify rounding past the tolerance, fp32
+      # torch included (docs/parity.md); a mapping error still shows at order 0.1.
       t.copy_(0.1 * noise)
     elif name.endswith("gaussian_matrix") or "embed" in leaf_module or "token" in leaf_module:
       t.copy_(noise)  # the Fourier matrix and embeddings: unit scale, as at init

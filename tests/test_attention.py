@@ -42,6 +42,43 @@ def test_folded_bias_equals_added_bias(use_rel_pos):
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(jnp.abs(w).max()))
 
 
+
+def _materialised_attention(variables, x, num_heads, use_rel_pos):
+  """The reference's formula from `Attention`'s parameters: every score and the
+  (heads, N, N) relative-position bias built in full."""
+  p = variables["params"]
+  b, h, w, dim = x.shape
+  d = dim // num_heads
+  qkv = x @ p["qkv"]["kernel"] + p["qkv"]["bias"]
+  q, k, v = einops.rearrange(qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=num_heads)
+  scores = (q * d**-0.5) @ jnp.swapaxes(k, -1, -2)
+  if use_rel_pos:
+    rel_h, rel_w = ie.decomposed_rel_pos_terms(q, p["rel_pos_h"], p["rel_pos_w"], (h, w), (h, w))
+    scores = scores + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(scores.shape)
+  out = einops.rearrange(jax.nn.softmax(scores, axis=-1) @ v, "(b n) (h w) d -> b h w (n d)",
+                         b=b, h=h)
+  return out @ p["proj"]["kernel"] + p["proj"]["bias"]
+
+
+@pytest.mark.parametrize("grid,use_rel_pos,query_chunk", [
+    ((9, 13), True, 50), ((9, 13), True, 0), ((9, 13), False, 16),
+    ((3, 5), True, 0)])  # 3 + 5 <= head_dim 8: the bias folded into q k^T, as in windows
+def test_attention_equals_the_materialised_formula(grid, use_rel_pos, query_chunk):
+  """The chunked, fused-bias attention equals the materialising one, values and
+  gradients, on a non-square grid whose token count no chunk divides."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, *grid, 32).astype(np.float32))
+  fast = ie.Attention(4, use_rel_pos, grid, query_chunk=query_chunk)
+  params = fast.init(jax.random.key(0), x)
+  params = jax.tree_util.tree_map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)
+  slow = lambda p: _materialised_attention(p, x, 4, use_rel_pos)  # noqa: E731
+  got, want = fast.apply(params, x), slow(params)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  loss = lambda f: lambda p: (f(p) ** 2).sum()  # noqa: E731
+  for g, w in zip(jax.tree.leaves(jax.grad(loss(lambda p: fast.apply(p, x)))(params)),
+                  jax.tree.leaves(jax.grad(loss(slow))(params))):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
+
 def test_one_hots_pick_the_key_row_and_column():
   table = np.asarray(ie.rel_pos_one_hots((3, 4), jnp.float32))
   assert table.shape == (12, 7)

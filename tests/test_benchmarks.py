@@ -11,8 +11,6 @@ import re
 import pytest
 
 from benchmarks import run
-from benchmarks.seed_attention import SeedAttention, seed_attention
-from sam_jax.modeling import image_encoder as ie
 
 # Timings are recorded, never checked: compiled without XLA's optimisations.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -57,14 +55,10 @@ def test_every_benchmark_has_well_formed_rows(report):
 
 
 def test_encoder_rows(report):
-  enc = [r for r in report["results"] if r["bench"] == "encoder"]
-  assert len(enc) == 2  # the fast path, then the seed attention for before/after
-  fast, seed = enc
-  assert fast["attention"] == "global xla, windows xla" and "seed" in seed["attention"]
-  for row in enc:
-    assert _positive(row["sam_jax"]["compile_s"])
-    assert row["sam_jax"]["peak_rss_growth_mb"] >= 0
-  assert _positive(seed["fast_path_speedup"])
+  (row,) = [r for r in report["results"] if r["bench"] == "encoder"]
+  assert row["attention"] == "global xla, windows xla"
+  assert _positive(row["sam_jax"]["compile_s"])
+  assert row["sam_jax"]["peak_rss_growth_mb"] >= 0
 
 
 def test_amg_rows_count_masks(report):
@@ -167,36 +161,6 @@ def test_gpu_script_steps_parse():
       continue
     names.append(words[1])
   assert len(names) == len(set(names)) >= 10, names
-
-
-def test_seed_attention_swaps_back():
-  fast = ie.Attention
-  with seed_attention():
-    assert ie.Attention is SeedAttention
-  assert ie.Attention is fast
-
-
-@pytest.mark.parametrize("grid,use_rel_pos,query_chunk", [
-    ((9, 13), True, 50), ((9, 13), True, 0), ((9, 13), False, 16),
-    ((3, 5), True, 0)])  # 3 + 5 <= head_dim 8: the bias folded into q k^T, as in windows
-def test_fast_attention_matches_seed(grid, use_rel_pos, query_chunk):
-  """The chunked, fused-bias attention equals the materialising one, values and
-  gradients, on a non-square grid whose token count no chunk divides."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  x = jnp.asarray(np.random.RandomState(0).randn(2, *grid, 32).astype(np.float32))
-  fast = ie.Attention(4, use_rel_pos, grid, query_chunk=query_chunk)
-  seed = SeedAttention(4, use_rel_pos, grid)
-  params = fast.init(jax.random.key(0), x)
-  params = jax.tree_util.tree_map(
-      lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)
-  got, want = fast.apply(params, x), seed.apply(params, x)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
-  loss = lambda m: lambda p: (m.apply(p, x) ** 2).sum()  # noqa: E731
-  for g, w in zip(jax.tree.leaves(jax.grad(loss(fast))(params)),
-                  jax.tree.leaves(jax.grad(loss(seed))(params))):
-    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
 
 
 def test_profile_predict_reports_every_part(capsys):

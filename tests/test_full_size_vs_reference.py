@@ -2,7 +2,7 @@
 
 vit_b runs at 1024 x 1024. vit_l and vit_h run at 256 x 256 in the suite to
 keep it under 15 minutes on two cores; SAM_JAX_FULL_1024=1 runs them at 1024
-(how the README's figures for them were measured).
+(how docs/parity.md's figures for them were measured).
 """
 
 import gc

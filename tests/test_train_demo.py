@@ -8,7 +8,7 @@ from configs import demo
 from sam_jax.train import evaluate, trainer
 
 
-# 400 steps of 3 prompt rounds: 137 s on 2 idle cores, more beside a second test worker.
+# 400 steps of 3 prompt rounds: minutes on 2 cores, hence slow.
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path):
   config = demo.get_config("quick")

@@ -48,7 +48,7 @@ def test_encoder_flops_match_a_hand_count():
   assert counted == pytest.approx(by_hand, rel=1e-9)
   # XLA's cost analysis of the same (loop-free) function is an independent count. It adds
   # the elementwise work (norms, softmax, GELU) and counts a few small products its own
-  # way: within a few percent at this small width (0.6% under, with the erf GELU).
+  # way: within a few percent at this small width.
   xla = jax.jit(embed).lower(params, images).cost_analysis()["flops"]
   assert xla == pytest.approx(by_hand, rel=0.1)
   # The backward: two matmuls per forward one, except that the images need no gradient.

@@ -8,7 +8,7 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # For the subprocesses that compile a whole train step: XLA:CPU's backend
-# optimisations off (LLVM's, the fusion emitters'), about 4x faster compiles.
+# optimisations off (LLVM's, the fusion emitters'), much faster compiles.
 # Sharding is decided before them, in the SPMD partitioner.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                       "--xla_cpu_use_fusion_emitters=false")
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     config.prompts.num_rounds = 1
     # One windowed encoder block after the patch embedding is enough to meet the
     # XLA partitioner bug that sharding.gather_fsdp works around: without it this
-    # loss is 0.5% off (3.8514 vs 3.8312), tiny_config's two blocks' 1.8%.
+    # loss is wrong (docs/training.md, "Sharding").
     config.model.image_encoder.update(dict(depth=1, global_attn_indexes=()))
     config.model.mask_decoder.transformer_depth = 1
     batch = fake_batch(config, batch_size=4)

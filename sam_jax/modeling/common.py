@@ -14,7 +14,7 @@ def gelu(x: jax.Array) -> jax.Array:
   """The exact GELU, x * Phi(x), as torch.nn.GELU (Flax defaults to the tanh form).
 
   Written with erf, as torch does: `jax.nn.gelu(approximate=False)` uses erfc,
-  which is as accurate here and 2.6x slower on a CPU (2M values: 2.0 ms, 0.78 ms).
+  which is as accurate here and slower on a CPU (BENCHMARKS.md, the mask decoder).
   """
   return x * (1 + jax.lax.erf(x * _SQRT_HALF.astype(x.dtype))) / 2
 

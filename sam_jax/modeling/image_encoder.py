@@ -247,11 +247,10 @@ class Attention(nn.Module):
     else:
       on_cpu = jax.default_backend() == "cpu"
       if rel_h is not None and sum((h, w)) <= head_dim and on_cpu:
-        # Windows: the bias as kh + kw more columns of one product (at most
-        # doubling it) rather than added in the softmax's fusion. On a CPU
-        # that halves a vit_b window block's attention core (94 to 43 ms); a
-        # 64x64 grid's 128 columns cost more than they save. Not measured on
-        # an accelerator, where XLA's attention stays as its GPU rows measured.
+        # Windows: the bias as kh + kw more columns of one product rather than
+        # added in the softmax's fusion, faster on a CPU (BENCHMARKS.md, the
+        # window fold); a 64x64 grid's 128 columns cost more than they save.
+        # CPU only: not yet measured on an accelerator.
         q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
         rel_h = rel_w = None
       chunk = self.query_chunk if on_cpu else 0

@@ -52,10 +52,9 @@ class Sam(nn.Module):
     """What `decode` computes from the image embeddings alone, for prompts without masks.
 
     A caller that decodes prompts on one image again and again keeps it and
-    passes it to `decode`: the positional encoding's sines (about 6 ms on a
-    2-core CPU), the no-mask embedding's sum and the transformer's first
-    projections of the image are then not redone (BENCHMARKS.md, "the image
-    cache").
+    passes it to `decode`: the positional encoding's sines, the no-mask
+    embedding's sum and the transformer's first projections of the image are
+    then not redone (the `predict` rows of BENCHMARKS.md time it).
     """
     no_mask = self.prompt_encoder.no_mask_embed.embedding[0]
     return self.mask_decoder.cache_image(image_embeddings, self.prompt_encoder.get_dense_pe(),
@@ -113,10 +112,8 @@ class Sam(nn.Module):
     without the 1024 x 1024 intermediate. The columns are a matmul at the
     low resolution, which XLA materialises; the rows a few gathers
     (`_apply_banded`), which XLA fuses into the consumers of the result.
-    Gathers on both axes were fused into one loop that redid the column
-    gathers for each row tap (3 masks to 1200 x 1800: 21.7 ms, against 5.0),
-    and the rows first made the matmul a full-size one (19.9 ms;
-    BENCHMARKS.md). A caller that reads the result several times does so
+    Both other orders are slower on large photos (BENCHMARKS.md's `predict`
+    row at 1500 x 2250). A caller that reads the result several times does so
     a mask or a few at a time, while they are in cache (the automatic mask
     generator's `filter_masks`).
     """

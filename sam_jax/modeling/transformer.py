@@ -40,8 +40,8 @@ class Heads(NamedTuple):
   """Queries, keys or values already projected to the heads: (..., heads, N, head_dim).
 
   Made by `Attention.project`; keys come scaled by head_dim ** -0.5. Heads-major,
-  as the per-head products read them: kept image projections in (N, heads)
-  order were transposed by XLA at every call (1.3 ms of a one-prompt decode).
+  as the per-head products read them: in (N, heads) order XLA transposed the
+  kept image projections at every call (`python -m benchmarks.profile_predict`).
   """
   x: jax.Array
 

@@ -8,17 +8,9 @@ for that dimension (it stays replicated), so any parameter fits any mesh.
 FSDP parameters are gathered where they are used (`gather_fsdp`): the step
 computes with every parameter replicated over `fsdp` (still split over
 `tensor`), and their gradients are reduce-scattered back onto `fsdp`. This is
-what FSDP means, and it is also required for correctness: left to choose,
-XLA's SPMD partitioner (jax 0.10.2, Shardy or GSPMD alike) miscompiles
-`y + y @ w` with y (B, C) sharded P(("data", "fsdp"), "tensor") and w (C, D)
-sharded P("tensor", "fsdp") on a mesh where all three axes exceed 1. Its dot
-handler collective-permutes y's rows into (fsdp, data) order to match w's
-`fsdp` split, but labels the product as if still in (data, fsdp) order, so
-the addition pairs rows 1 and 2 of y with rows 2 and 1 of y @ w (4 rows on a
-(2, 2, 2) mesh). A ViT block's residual MLP after a tensor-split patch
-embedding is exactly that pattern: the image embeddings, and the loss, came
-out wrong (1.8% on the first step). With w replicated over `fsdp` the
-partitioner has no such choice to make.
+FSDP, and it also avoids an XLA SPMD partitioner miscompile (jax 0.10.2) of
+`y + y @ w` on meshes with data, fsdp and tensor all above 1, which
+tests/test_train_sharding.py catches (the story: docs/training.md, "Sharding").
 """
 
 from typing import Any, Sequence, Tuple
