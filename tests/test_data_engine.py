@@ -29,6 +29,9 @@ from sam_jax.checkpoint import abstract_params, save_sam
 from sam_jax.train import data as train_data
 from sam_jax.train import demo_data
 
+# Runs are compared, not timed: compiled without XLA's optimisations.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN = ["--points-per-side", "4", "--crop-n-layers", "0", "--pred-iou-thresh", "0",
         "--stability-score-thresh", "0", "--min-mask-region-area", "0", "--box-nms-thresh", "0.9",
