@@ -18,7 +18,7 @@ import numpy as np
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
 from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket, cache_image, upscale
 from sam_jax.transforms import check_image
-from sam_jax.utils import amg
+from sam_jax.utils import mask_ops
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -53,8 +53,8 @@ def filter_masks(model: Sam, low_res, iou, valid, crop_box, orig_box, thresholds
 
   def score(mask):  # one mask at the crop's size, read by both while it is in cache
     logits = model.postprocess_masks(mask, input_size, crop_size)
-    return (amg.stability_score(logits, MASK_THRESHOLD, stability_offset),
-            amg.masks_to_boxes(logits > MASK_THRESHOLD))
+    return (mask_ops.stability_score(logits, MASK_THRESHOLD, stability_offset),
+            mask_ops.masks_to_boxes(logits > MASK_THRESHOLD))
 
   # A mask or a few at a time, while in cache: all K x 3 at once streamed their
   # full-size logits through memory for each reader (BENCHMARKS.md, AMG rows).
@@ -65,7 +65,7 @@ def filter_masks(model: Sam, low_res, iou, valid, crop_box, orig_box, thresholds
   keep = jnp.repeat(valid, low_res.shape[1])
   keep &= jnp.where(pred_iou_thresh > 0, iou > pred_iou_thresh, True)
   keep &= jnp.where(stability_thresh > 0, stability >= stability_thresh, True)
-  keep &= ~amg.is_box_near_crop_edge(boxes, crop_box, orig_box)
+  keep &= ~mask_ops.is_box_near_crop_edge(boxes, crop_box, orig_box)
   return boxes, iou, stability, keep
 
 
@@ -119,7 +119,7 @@ class SamAutomaticMaskGenerator:
     if (points_per_side is None) == (point_grids is None):
       raise ValueError("Give exactly one of points_per_side and point_grids.")
     if points_per_side is not None:
-      self.point_grids = amg.build_all_layer_point_grids(
+      self.point_grids = mask_ops.build_all_layer_point_grids(
           points_per_side, crop_n_layers, crop_n_points_downscale_factor)
     else:
       self.point_grids = [np.asarray(g, np.float64) for g in point_grids]
@@ -171,7 +171,7 @@ class SamAutomaticMaskGenerator:
     crops = []  # (image index, crop box, layer), every image's crops in the reference's order
     for i, image in enumerate(images):
       check_image(image, f"image {i}" if len(images) > 1 else "image")
-      boxes, layers = amg.generate_crop_boxes(image.shape[:2], self.crop_n_layers,
+      boxes, layers = mask_ops.generate_crop_boxes(image.shape[:2], self.crop_n_layers,
                                               self.crop_overlap_ratio)
       crops += [(i, box, layer) for box, layer in zip(boxes, layers)]
     embedded = []  # (embedding (1, h, w, C), input size) per crop
@@ -193,7 +193,7 @@ class SamAutomaticMaskGenerator:
       # Prefer masks from smaller crops, whose masks are finer.
       boxes = data["crop_boxes"]
       areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32)
-      data = _select(data, amg.nms(data["boxes"], 1.0 / areas, self.crop_nms_thresh))
+      data = _select(data, mask_ops.nms(data["boxes"], 1.0 / areas, self.crop_nms_thresh))
     if self.min_mask_region_area > 0:
       data = self.postprocess_small_regions(
           data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
@@ -204,17 +204,17 @@ class SamAutomaticMaskGenerator:
     if self.output_mode == "coco_rle":
       segmentation = rle
     elif self.output_mode == "binary_mask":
-      segmentation = amg.rle_to_mask(rle)
+      segmentation = mask_ops.rle_to_mask(rle)
     else:
-      segmentation = amg.uncompressed_rle(amg.rle_to_mask(rle))
+      segmentation = mask_ops.uncompressed_rle(mask_ops.rle_to_mask(rle))
     return {
         "segmentation": segmentation,
-        "area": amg.area_from_rle(rle),
-        "bbox": amg.box_xyxy_to_xywh(data["boxes"][i]),
+        "area": mask_ops.area_from_rle(rle),
+        "bbox": mask_ops.box_xyxy_to_xywh(data["boxes"][i]),
         "predicted_iou": float(data["iou_preds"][i]),
         "point_coords": [data["points"][i].tolist()],
         "stability_score": float(data["stability_score"][i]),
-        "crop_box": amg.box_xyxy_to_xywh(data["crop_boxes"][i]),
+        "crop_box": mask_ops.box_xyxy_to_xywh(data["crop_boxes"][i]),
     }
 
   def _process_crop(self, image, crop_box, layer_idx, orig_size, features,
@@ -227,7 +227,7 @@ class SamAutomaticMaskGenerator:
                                    orig_size, features, cache, input_size)
                for i in range(0, len(points), self.points_per_batch)]
     data = _concat(batches)
-    data = _select(data, amg.nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
+    data = _select(data, mask_ops.nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
     offset = np.array([x0, y0])
     data["boxes"] = data["boxes"] + np.tile(offset, 2)
     data["points"] = data["points"] + offset
@@ -262,7 +262,7 @@ class SamAutomaticMaskGenerator:
                         original_sizes=(crop_size,))
       kept_masks = np.asarray(full)[:len(idx)]
     return {
-        "rles": [amg.mask_to_rle(_uncrop_mask(m, crop_box, orig_size)) for m in kept_masks],
+        "rles": [mask_ops.mask_to_rle(_uncrop_mask(m, crop_box, orig_size)) for m in kept_masks],
         "boxes": np.asarray(boxes)[idx].astype(np.int64),
         "iou_preds": np.asarray(iou)[idx],
         "stability_score": np.asarray(stability)[idx],
@@ -280,17 +280,17 @@ class SamAutomaticMaskGenerator:
       return data
     masks, scores = [], []
     for rle in data["rles"]:
-      mask = amg.rle_to_mask(rle)
-      mask, changed_holes = amg.remove_small_regions(mask, min_area, mode="holes")
-      mask, changed_islands = amg.remove_small_regions(mask, min_area, mode="islands")
+      mask = mask_ops.rle_to_mask(rle)
+      mask, changed_holes = mask_ops.remove_small_regions(mask, min_area, mode="holes")
+      mask, changed_islands = mask_ops.remove_small_regions(mask, min_area, mode="islands")
       masks.append(mask)
       scores.append(float(not (changed_holes or changed_islands)))
-    boxes = np.stack([np.asarray(amg.masks_to_boxes(jnp.asarray(m))) for m in masks])
-    keep = amg.nms(boxes, np.array(scores, np.float32), nms_thresh)
+    boxes = np.stack([np.asarray(mask_ops.masks_to_boxes(jnp.asarray(m))) for m in masks])
+    keep = mask_ops.nms(boxes, np.array(scores, np.float32), nms_thresh)
     data = dict(data, rles=list(data["rles"]), boxes=data["boxes"].copy())
     for i in keep:
       if scores[i] == 0.0:
-        data["rles"][i] = amg.mask_to_rle(masks[i])
+        data["rles"][i] = mask_ops.mask_to_rle(masks[i])
         data["boxes"][i] = boxes[i]
     return _select(data, keep)
 

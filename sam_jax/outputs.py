@@ -39,6 +39,18 @@ def _recover(path: str) -> None:
       os.rename(old, path)
 
 
+def check_output(path: str, overwrite: bool, replaceable: Callable[[str], Optional[str]],
+                 what: str = "output") -> None:
+  """Raises OutputError unless `path` is free, or may be replaced (see `atomic_output`)."""
+  if os.path.lexists(path):
+    if not overwrite:
+      raise OutputError(f"{path} exists already; choose another path or pass --overwrite.")
+    why = replaceable(path)
+    if why is not None:
+      raise OutputError(f"Refusing to replace {path}: {why}. --overwrite only replaces a "
+                        f"{what} that sam_jax wrote; move it away or choose another path.")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool, replaceable: Callable[[str], Optional[str]],
                   what: str = "output") -> Iterator[str]:
@@ -57,13 +69,7 @@ def atomic_output(path: str, overwrite: bool, replaceable: Callable[[str], Optio
   if not os.access(parent, os.W_OK | os.X_OK):
     raise OutputError(f"Cannot write the {what} {path}: {parent} is not writable.")
   _recover(path)
-  if os.path.lexists(path):
-    if not overwrite:
-      raise OutputError(f"{path} exists already; choose another path or pass --overwrite.")
-    why = replaceable(path)
-    if why is not None:
-      raise OutputError(f"Refusing to replace {path}: {why}. --overwrite only replaces a "
-                        f"{what} that sam_jax wrote; move it away or choose another path.")
+  check_output(path, overwrite, replaceable, what)
   tmp = _sibling(path, "tmp")
   try:
     yield tmp
@@ -83,3 +89,19 @@ def empty_dir(path: str) -> Optional[str]:
   if not os.path.isdir(path) or os.path.islink(path):
     return "it is not a folder"
   return None if not os.listdir(path) else "it is a folder that is not empty"
+
+
+def folder_of(names, what: str) -> Callable[[str], Optional[str]]:
+  """A `replaceable` for a folder that a writer fills with `names`: None when the
+  folder holds nothing else (so none of its files is one we did not write)."""
+  names = frozenset(names)
+
+  def replaceable(path: str) -> Optional[str]:
+    if not os.path.isdir(path) or os.path.islink(path):
+      return "it is not a folder"
+    foreign = sorted(set(os.listdir(path)) - names)
+    if foreign:
+      return (f"it holds files that a {what} does not ({', '.join(foreign[:5])}"
+              f"{', ...' if len(foreign) > 5 else ''})")
+    return None
+  return replaceable

@@ -14,7 +14,7 @@ import pytest
 from sam_jax.modeling import image_encoder as ie
 
 
-@pytest.mark.parametrize("use_rel_pos", [True, False])
+@pytest.mark.parametrize("use_rel_pos", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_folded_bias_equals_added_bias(use_rel_pos):
   rs = np.random.RandomState(0)
   b, heads, kh, kw, d = 2, 3, 5, 7, 10  # 10 + 5 + 7 = 22: padded to 24
@@ -97,6 +97,7 @@ def test_resolve_attention():
     ie.resolve_attention("flash", jnp.bfloat16)
 
 
+@pytest.mark.slow
 def test_attention_module_cudnn_layout_equals_xla(monkeypatch):
   """The module's cuDNN branch (heads-last q, k, v straight from qkv) gives the
   XLA branch's output; the kernel is swapped for XLA's so that this runs on CPU."""

@@ -61,6 +61,7 @@ def test_bad_configs_are_clear_errors():
     build_sam(config)
 
 
+@pytest.mark.slow
 def test_new_checkpoint_cli(tmp_path):
   out = tmp_path / "random"
   subprocess.run(

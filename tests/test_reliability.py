@@ -7,12 +7,13 @@ import os
 import shutil
 import stat
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-import convert_weights
 from sam_jax import amg as amg_cli
+from sam_jax import convert_weights
 from sam_jax import predict as predict_cli
 from sam_jax.checkpoint import CheckpointError, load_manifest, load_sam, verify_checksums
 from tests.reference import reference_sam, save_and_convert
@@ -220,7 +221,6 @@ def test_corrupt_config_json_is_an_error_line(converted, tmp_path, capsys, conte
   with pytest.raises(CheckpointError, match="config.json"):
     load_sam(target)
   image = tmp_path / "img.png"
-  import cv2
   cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
   assert predict_cli.main(["--checkpoint", str(target), "--image", str(image), "--output",
                            str(tmp_path / "p"), "--point", "1,1"]) == 1
@@ -257,3 +257,21 @@ def test_nan_mask_input_is_refused(converted):
   mask[0, 3, 4] = np.nan
   with pytest.raises(ValueError, match="mask_input must be finite"):
     predictor.predict(mask_input=mask)
+
+
+def test_predict_replaces_only_its_own_outputs(converted, tmp_path, capsys):
+  _, out, _ = converted
+  image = tmp_path / "img.png"
+  cv2.imwrite(str(image), np.full((48, 64, 3), 120, np.uint8))
+  dst = tmp_path / "pred"
+  args = ["--checkpoint", out, "--image", str(image), "--output", str(dst), "--point", "10,10",
+          "--single-mask"]
+  assert predict_cli.main(args) == 0
+  assert sorted(os.listdir(dst)) == ["mask_0.png", "overlay.png", "predictions.json"]
+  assert predict_cli.main(args) == 1
+  assert "exists already" in capsys.readouterr().err
+  assert predict_cli.main(args + ["--overwrite"]) == 0
+  (dst / "overlay.png").write_text("my notes")
+  assert predict_cli.main(args + ["--overwrite"]) == 1
+  assert "Refusing to replace" in capsys.readouterr().err
+  assert (dst / "overlay.png").read_text() == "my notes"

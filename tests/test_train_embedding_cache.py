@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sam_jax.train import demo_data, embedding_cache, tensorboard, trainer
-from tests.test_train_loop import tiny_config
+from tests.conftest import tiny_train_config
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 def small_config(tmp_path):
   """Frozen encoder, one decoder layer, two prompt rounds, 8 shared examples: two compiles."""
-  c = tiny_config()
+  c = tiny_train_config()
   c.freeze = "frozen_image_encoder"
   c.model.mask_decoder.transformer_depth = 1
   c.prompts.num_rounds, c.prompts.num_no_point_rounds = 2, 1
@@ -35,6 +35,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cached_embeddings_reproduce_the_frozen_encoder_run(tmp_path, capsys):
   config = small_config(tmp_path)
   config.tensorboard = True

@@ -10,7 +10,7 @@ from sam_jax.build import build_sam
 from sam_jax.checkpoint import abstract_params
 from sam_jax.modeling.sam import Sam
 from sam_jax.train import flops
-from tests.test_train_loop import fake_batch, tiny_config
+from tests.conftest import fake_batch, tiny_train_config
 
 
 def encoder_flops_by_hand(m, batch: int) -> float:
@@ -57,8 +57,9 @@ def test_encoder_flops_match_a_hand_count():
       3 * by_hand - patch_embed, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_step_flops_are_model_work_only():
-  config = tiny_config()
+  config = tiny_train_config()
   config.freeze = "frozen_image_encoder"
   model = build_sam(config.model)
   params = abstract_params(model)

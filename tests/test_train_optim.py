@@ -8,13 +8,13 @@ import pytest
 from sam_jax.build import build_sam
 from sam_jax.checkpoint import abstract_params
 from sam_jax.train import optim
-from tests.test_train_loop import tiny_config
+from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _setup(freeze, layer_decay=0.5):
-  config = tiny_config()
+  config = tiny_train_config()
   config.optim.update(dict(lr=1e-2, warmup_steps=10, decay_steps=(20, 30), decay_factor=0.1,
                            layer_decay=layer_decay, grad_clip=0.0))
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype),
@@ -42,6 +42,7 @@ def test_freezing_options_and_frozen_buffer():
       assert (label == "train") == expect, (freeze, names)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_get_no_update_and_layer_decay_scales():
   params, tx, _ = _setup("frozen_image_encoder")
   state = tx.init(params)

@@ -147,7 +147,7 @@ class EmbeddingCache:
 class CachedSource:
   """A training source whose examples carry their cached `embeddings` and no `image`.
 
-  Wraps anything with `__len__` and `load(index, rng)` (data.Sa1bFolder); the
+  Wraps anything with `__len__` and `load(index, rng)` (data.Sa1bExamples); the
   lookup runs in the pipeline's loading threads. Other attributes pass through.
   """
 

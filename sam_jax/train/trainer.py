@@ -26,17 +26,25 @@ from jax.experimental import multihost_utils
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import demo_data, embedding_cache, flops, optim, recipe
+from sam_jax.train import demo_data, embedding_cache, eval_data, flops, optim, recipe
 from sam_jax.train import sharding as shard_lib
 
 State = Dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; the run stops, keeping the last good checkpoint."""
+  """The loss became NaN or Inf, or diverged; the run stops, keeping the last good checkpoint."""
 
 
-def model_config(config) -> ml_collections.ConfigDict:
+class CheckpointSaveError(RuntimeError):
+  """A training checkpoint could not be written; the run stops at the first failed save."""
+
+
+class DataError(ValueError):
+  """The training data is too corrupt to train on (see WORKDIR/skipped_examples.json)."""
+
+
+def resolve_model_config(config) -> ml_collections.ConfigDict:
   """The model's config: `config.model`, or a checkpoint's with `config.model` overrides."""
   if config.get("model_init"):
     mcfg = load_config(config.model_init)
@@ -48,7 +56,7 @@ def model_config(config) -> ml_collections.ConfigDict:
 
 def initial_params(config, model) -> Any:
   if config.get("model_init"):
-    _, params = load_sam(config.model_init, image_size=model_config(config).image_size)
+    _, params = load_sam(config.model_init, image_size=resolve_model_config(config).image_size)
     return params
   return init_params(model, jax.random.key(config.seed))
 
@@ -58,7 +66,7 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config = config
-    self.mcfg = model_config(config)
+    self.mcfg = resolve_model_config(config)
     self.model = build_sam(self.mcfg)
     self.mesh = mesh if mesh is not None else shard_lib.make_mesh(config.mesh_shape)
     self.abstract_params = abstract_params(self.model)
@@ -137,7 +145,23 @@ class Trainer:
       return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+def _check_writable(directory: str) -> None:
+  """Fails before the first step, naming the folder and the cause, if checkpoints cannot be written."""
+  probe = os.path.join(directory, f".sam_jax-write-probe-{jax.process_index()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("probe")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointSaveError(f"Cannot write checkpoints to {directory}: "
+                              f"{e.strerror or e}. Make it writable or choose another "
+                              "workdir.") from e
+
+
+def checkpoint_manager(workdir: str, config, check_writable: bool = False) -> ocp.CheckpointManager:
+  if check_writable:
+    _check_writable(os.path.join(os.path.abspath(workdir), "checkpoints"))
   pp = ocp.checkpoint_managers.preservation_policy
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every,
@@ -148,8 +172,22 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(mgr, step: int, state: State, meta: dict) -> None:
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         meta=ocp.args.JsonSave(meta)), force=True)
+  """Starts the (asynchronous) save of `step`; a failure of this or the previous save raises."""
+  try:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # noqa: BLE001 - Orbax raises any type; the run must stop now
+    raise CheckpointSaveError(f"Saving the checkpoint of step {step} to {mgr.directory} "
+                              f"failed: {type(e).__name__}: {e}") from e
+
+
+def check_saves(mgr) -> None:
+  """Raises CheckpointSaveError as soon as a finished asynchronous save has failed."""
+  try:
+    mgr.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointSaveError(f"Saving a checkpoint to {mgr.directory} failed: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def restore_checkpoint(mgr, trainer: Trainer, step: int):
@@ -190,9 +228,12 @@ def _prepare_data(config, workdir: str):
   return train_dir, eval_dir
 
 
-def run_eval(trainer: Trainer, params, examples, num_clicks: int):
+def run_eval(model, params, dataset, eval_config):
+  """`config.eval`'s protocol (sam_jax.train.evaluate) on the first `num_images` held-out images."""
   from sam_jax.train import evaluate  # scipy only when evaluating
-  return evaluate.evaluate(trainer.model, params, examples, num_clicks)
+  indices = range(min(eval_config.num_images or len(dataset), len(dataset)))
+  return evaluate.evaluate_model(model, params, dataset, evaluate.training_protocol(eval_config),
+                                 indices, pictures=4)
 
 
 def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> Dict[str, Any]:
@@ -206,7 +247,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   if config.get("cache_embeddings"):
     embedding_cache.check_config(config, trainer.mcfg)  # before any work: refuses freeze='full'
   train_src, eval_examples = open_data(config, workdir, trainer)
-  mgr = checkpoint_manager(workdir, config)
+  mgr = checkpoint_manager(workdir, config, check_writable=True)
   summary = _read_summary(workdir)
   state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr)
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
@@ -228,7 +269,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
 def open_data(config, workdir: str, trainer: Trainer):
   """The training examples, and the held-out examples to evaluate on (None without)."""
   mcfg = trainer.mcfg
-  image_hw = image_size_hw(mcfg)
+  image_hw = image_size_hw(mcfg.image_size)
   low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
   train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
@@ -239,8 +280,8 @@ def open_data(config, workdir: str, trainer: Trainer):
                                     config.eval.max_masks, mcfg.pixel_mean)
   if eval_src is None:
     return train_src, None
-  ex = data_lib.eval_examples(eval_src, config.eval.num_images)
-  return train_src, dict(images=ex["image"], masks=ex["masks"], valid=ex["valid"])
+  return train_src, eval_data.Sa1bRecords(eval_src.records, eval_src.description,
+                                          config.eval.max_masks)
 
 
 def _summary_path(workdir: str) -> str:
@@ -262,26 +303,53 @@ def _write_summary(workdir: str, summary: Dict[str, Any]) -> None:
 
 
 def restore_or_init_state(config, trainer: Trainer, mgr):
-  """(state, step, data position, resumed): the workdir's latest checkpoint, else step 0."""
-  start = mgr.latest_step()
-  if start is not None:
-    state, meta = restore_checkpoint(mgr, trainer, start)
+  """(state, step, data position, resumed): the workdir's latest readable checkpoint, else step 0.
+
+  An unreadable checkpoint (a crash mid-write, a damaged disk) is reported and
+  the one before it is used; when none can be read, the run stops.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  failures = []
+  for start in steps:
+    try:
+      state, meta = restore_checkpoint(mgr, trainer, start)
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+      failures.append(f"step {start}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      print(f"The checkpoint of step {start} in {mgr.directory} is unreadable "
+            f"({failures[-1]}); trying the one before it.", flush=True)
+      _set_aside(mgr, start)
+      continue
     logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
-    print(f"Resuming from the checkpoint of step {start}.", flush=True)
+    print(f"Resuming from the checkpoint of step {start}" +
+          (f" (the later {len(failures)} could not be read)." if failures else "."), flush=True)
     return state, start, meta["data_step"], True
+  if failures:
+    raise CheckpointSaveError(
+        f"None of the checkpoints in {mgr.directory} can be read:\n  " + "\n  ".join(failures) +
+        "\nMove the folder away to start from scratch.")
   return trainer.init_state(initial_params(config, trainer.model)), 0, 0, False
+
+
+def _set_aside(mgr, step: int) -> None:
+  """Renames an unreadable checkpoint (kept for inspection) so that its step can be saved again."""
+  if jax.process_index() == 0:
+    path = os.path.join(str(mgr.directory), str(step))
+    if os.path.isdir(path):
+      os.rename(path, f"{path}.unreadable-{int(time.time())}")
+  shard_lib.sync_processes(f"sam_jax set aside checkpoint {step}")
+  mgr.reload()
 
 
 def evaluate_before_training(trainer: Trainer, state: State, eval_examples, config,
                              workdir: str) -> Dict[str, Any]:
   """The untrained model's prompt mIoUs (its 1-point masks kept for the final picture)."""
   # The state's parameters, placed as after training: the evaluation compiles once.
-  res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
-  if jax.process_index() == 0:
-    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
-  print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
+  res = run_eval(trainer.model, _gathered(state["params"]), eval_examples, config.eval)
+  if jax.process_index() == 0 and "pictures" in res:
+    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["pictures"]["pred"])
+  print(f"Before training: 1-point mIoU {res['miou_1point_default']:.3f}, "
         f"box mIoU {res['miou_box']:.3f}", flush=True)
-  return {k: v for k, v in res.items() if k != "masks_1point"}
+  return {k: v for k, v in res.items() if k != "pictures"}
 
 
 def with_embedding_cache(config, trainer: Trainer, state: State, train_src, workdir: str):
@@ -298,9 +366,13 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
 
   Returns the last state, the last step and the host losses by step.
   """
+  health = DataHealth(train_src, config.data, workdir)
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
                                    jax.process_index(), jax.process_count())
   log = MetricsLog(workdir, config)
+  log.drop_after(start)  # rows a previous run logged past its last checkpoint
+  limits = _Divergence(config.get("diverge_factor", 100.0),
+                       float(jax.device_get(optax.global_norm(state["params"]))))
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
   step = start
@@ -309,31 +381,120 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
   step_flops = None
   try:
     for step in range(start + 1, total + 1):
-      inputs = _step_inputs(next(batches))
+      batch = next(batches)
+      health.update(batch, step)
+      inputs = _step_inputs(batch)
       if step_flops is None:
         step_flops = _count_step_flops(trainer, inputs, peak)
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
+      check_saves(mgr)
       should_save = step % config.checkpoint_every == 0 or step == total
       if step % config.log_every == 0 or should_save:
-        host = _check_finite(pending, mgr)
+        host = _check_finite(pending, mgr, limits)
         pending = []
         for s, m in host:
           losses[s] = m["loss"]
         dt = time.time() - t0
         log.write(dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
-                       skipped_examples=train_src.num_skipped,
+                       skipped_examples=health.num_skipped,
+                       bad_annotations=len(train_src.bad_annotations),
                        **flops.utilization(step_flops * images_seen / config.batch_size, dt,
                                            peak, jax.device_count())))
         t0, images_seen = time.time(), 0
+        health.write()
       if should_save:
         save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
+  except BaseException:
+    try:  # the run is already failing: report its error, not a second one from Orbax
+      mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      logging.error("A checkpoint save failed while the run stopped: %s", e)
+    raise
+  else:
+    try:
+      mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"Saving the last checkpoint to {mgr.directory} failed: "
+                                f"{type(e).__name__}: {e}") from e
   finally:
     batches.close()  # stops the prefetching thread
-    mgr.wait_until_finished()
     log.close()
+    health.write()
   return state, step, losses
+
+
+class DataHealth:
+  """What the run consumed: distinct corrupt examples and steps without any valid mask.
+
+  Counted from the batches the steps use (not those read ahead), each corrupt
+  example once. Stops the run with DataError when more than
+  `config.data.max_empty_batches` steps had no valid mask, or when corrupt
+  examples (with those left out at preparation) pass
+  `config.data.max_skipped_fraction` of those seen. Lists them in
+  WORKDIR/skipped_examples.json (one file per process when several).
+  """
+
+  def __init__(self, source, dcfg, workdir: str):
+    self.source = source
+    self.seen = np.zeros(len(source), bool)
+    self.corrupt = np.zeros(len(source), bool)
+    self.empty_steps, self.num_skipped = 0, len(source.skipped_at_prepare)
+    self.max_empty = dcfg.get("max_empty_batches", 10)
+    self.max_fraction = dcfg.get("max_skipped_fraction", 0.1)
+    name = ("skipped_examples.json" if jax.process_count() == 1
+            else f"skipped_examples.{jax.process_index()}.json")
+    self.path = os.path.join(workdir, name)
+    prepared = len(source.skipped_at_prepare)
+    if prepared and prepared / (prepared + len(source)) > self.max_fraction:
+      self.write()
+      raise DataError(
+          f"{prepared} of the {prepared + len(source)} examples of {source.description} were "
+          f"left out as corrupt when it was prepared, more than config.data."
+          f"max_skipped_fraction={self.max_fraction}; see {self.path}.")
+
+  def update(self, batch, step: int) -> None:
+    if "index" in batch:  # batches built by data.load_batch say which examples they hold
+      index = np.asarray(batch["index"])
+      self.seen[index] = True
+      self.corrupt[index[np.asarray(batch["corrupt"], bool)]] = True
+    counts = np.array([np.asarray(batch["valid"]).sum(), self.seen.sum(), self.corrupt.sum()],
+                      np.int64)
+    if jax.process_count() > 1:  # every process decides on the same global numbers
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+    valid, seen, corrupt = (int(c) for c in counts)
+    prepared = len(self.source.skipped_at_prepare)
+    self.num_skipped = corrupt + prepared
+    if valid == 0:
+      self.empty_steps += 1
+      if self.empty_steps > self.max_empty:
+        self.write()
+        raise DataError(
+            f"The batch of step {step} has no valid mask: {self.empty_steps} steps so far "
+            f"without one, more than config.data.max_empty_batches={self.max_empty}. "
+            f"{corrupt} corrupt examples and {len(self.source.bad_annotations)} invalid "
+            f"annotations so far; see {self.path}.")
+    if seen >= min(len(self.source), 100) and \
+        (corrupt + prepared) / (seen + prepared) > self.max_fraction:
+      self.write()
+      raise DataError(
+          f"{corrupt + prepared} of the {seen + prepared} examples seen by step {step} are "
+          f"corrupt, more than config.data.max_skipped_fraction={self.max_fraction}; "
+          f"see {self.path}.")
+
+  def write(self) -> None:
+    src = self.source
+    if not (src.skipped_at_prepare or self.corrupt.any() or src.bad_annotations):
+      return
+    listing = dict(
+        at_preparation=src.skipped_at_prepare,
+        at_read={str(i): src.skipped_at_read.get(int(i), "") for i in np.flatnonzero(self.corrupt)},
+        bad_annotations={f"{i}/{j}": r for (i, j), r in sorted(src.bad_annotations.items())})
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(listing, f, indent=1)
+    os.replace(tmp, self.path)
 
 
 def _step_inputs(batch) -> Dict[str, Any]:
@@ -356,6 +517,18 @@ class MetricsLog:
     if config.get("tensorboard") and jax.process_index() == 0:
       from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
       self.writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Drops rows past `step`: a resumed run logs those steps again."""
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(self.path + ".tmp", self.path)
 
   def write(self, record: Dict[str, Any]) -> None:
     if jax.process_index() == 0:
@@ -382,15 +555,16 @@ def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, w
   out = {}
   params = _gathered(state["params"])
   if eval_examples is not None:
-    res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
-    out["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-    if jax.process_index() == 0:
-      _write_picture(workdir, eval_examples, res["masks_1point"])
-    u = untrained
-    print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
-          f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
-          f"{res['miou_box']:.3f}; after {config.eval.num_clicks} clicks: "
-          f"{res['miou_clicks'][-1]:.3f} ({res['num_masks']} held-out masks)", flush=True)
+    res = run_eval(trainer.model, params, eval_examples, config.eval)
+    out["trained"] = {k: v for k, v in res.items() if k != "pictures"}
+    if jax.process_index() == 0 and "pictures" in res:
+      _write_picture(workdir, res["pictures"])
+    u, k = untrained, str(config.eval.num_clicks)
+    print(f"1-point mIoU: untrained {u.get('miou_1point_default', float('nan')):.3f} -> trained "
+          f"{res['miou_1point_default']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
+          f"{res['miou_box']:.3f}; after {k} points: "
+          f"{u.get('miou_points', {}).get(k, float('nan')):.3f} -> {res['miou_points'][k]:.3f} "
+          f"({res['num_masks']} held-out masks)", flush=True)
   if config.get("export") and jax.process_index() == 0:
     export_dir = os.path.join(workdir, "export")
     save_sam(export_dir, trainer.mcfg, jax.device_get(params), overwrite=True)
@@ -418,37 +592,61 @@ def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
   return count
 
 
-def _check_finite(pending, mgr):
-  """Host copies of pending metrics; stops the run at the first non-finite loss."""
+class _Divergence:
+  """What counts as exploding: a parameter norm or a loss `factor` times its usual size."""
+
+  def __init__(self, factor: float, start_norm: float):
+    self.factor, self.start_norm, self.losses = factor, start_norm, []
+
+  def problem(self, s: int, m) -> Optional[str]:
+    if m["param_norm"] > self.factor * self.start_norm:
+      return (f"The param_norm grew to {m['param_norm']:.3g} at step {s}, over {self.factor:g} "
+              f"times its {self.start_norm:.3g} at the start of this run")
+    if len(self.losses) >= 3 and m["loss"] > self.factor * float(np.median(self.losses)):
+      return (f"The loss jumped to {m['loss']:.3g} at step {s}, over {self.factor:g} times its "
+              f"median {float(np.median(self.losses)):.3g} so far")
+    self.losses.append(m["loss"])
+    return None
+
+
+def _check_finite(pending, mgr, limits: Optional[_Divergence] = None):
+  """Host copies of pending metrics; stops the run at the first non-finite or exploding step.
+
+  Runs before each save, so a checkpoint is only written for a step whose
+  loss and parameters are finite and not exploding: the last checkpoint is good.
+  """
   host = [(s, _to_host(m)) for s, m in pending]
   for s, m in host:
     # A finite loss with non-finite new parameters would poison the next save too.
     bad = [k for k in ("loss", "param_norm") if not np.isfinite(m[k])]
-    if bad:
+    why = (f"The {' and '.join(bad)} became {m[bad[0]]} at step {s}" if bad else
+           limits.problem(s, m) if limits is not None else None)
+    if why:
       mgr.wait_until_finished()
       last = mgr.latest_step()
       raise NonFiniteLossError(
-          f"The {' and '.join(bad)} became {m[bad[0]]} at step {s}; stopping, nothing saved "
-          f"from this step on. The last good checkpoint is "
-          f"step {last}" + (" (none was saved)." if last is None else
-                            ". Lower the learning rate or inspect the data, then rerun to resume."))
+          f"{why}; stopping, nothing saved from this step on. The last good checkpoint is "
+          f"step {last}" +
+          (" (none was saved): rerun to start again." if last is None else
+           ". Lower the learning rate or inspect the data, then rerun to resume from it."))
   return host
 
 
-def _write_picture(workdir, examples, masks):
+def _write_picture(workdir, pictures):
   from sam_jax.train import evaluate
-  points = np.zeros(examples["valid"].shape + (2,), np.float32)
-  for i, j in zip(*np.nonzero(examples["valid"])):
-    points[i, j] = evaluate.interior_point(examples["masks"][i, j].astype(bool))
-  cols, titles = [examples["masks"].astype(bool)], ["ground truth"]
+  valid = pictures["valid"]
+  points = np.zeros(valid.shape + (2,), np.float32)
+  for i, j in zip(*np.nonzero(valid)):
+    points[i, j] = evaluate.interior_point(pictures["gt"][i, j])
+  cols, titles = [pictures["gt"]], ["ground truth"]
   untrained = os.path.join(workdir, "untrained_masks_1point.npy")
-  if os.path.exists(untrained):
+  if os.path.exists(untrained) and np.load(untrained).shape == pictures["pred"].shape:
     cols.append(np.load(untrained))
     titles.append("untrained, 1 point")
-  cols.append(masks)
+  cols.append(pictures["pred"])
   titles.append("trained, 1 point")
   path = os.path.join(workdir, "predictions.png")
-  evaluate.render(path, examples["images"], cols, titles, points, examples["valid"])
+  evaluate.render(path, pictures["images"], cols, titles, points, valid)
   print(f"Wrote {path}", flush=True)
 
 
@@ -464,21 +662,21 @@ def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dic
     raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
   model, params = load_sam(ckpt)
   _, eval_dir = _prepare_data(config, workdir)
-  size = image_size_hw(load_config(ckpt))
+  size = image_size_hw(load_config(ckpt).image_size)
   src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, size, size,
                                config.eval.max_masks, load_config(ckpt).pixel_mean)
   if src is None:
     raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout), or tfds_name and "
                      "eval_split, to evaluate on.")
-  ex = data_lib.eval_examples(src, config.eval.num_images or len(src))
-  from sam_jax.train import evaluate
-  res = evaluate.evaluate(model, params, dict(images=ex["image"], masks=ex["masks"],
-                                              valid=ex["valid"]), config.eval.num_clicks)
-  res = {k: v for k, v in res.items() if k != "masks_1point"}
-  clicks = ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["miou_clicks"]))
-  print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
-        f"{res['miou_1point']:.3f}, box mIoU {res['miou_box']:.3f}, after k clicks {clicks}",
-        flush=True)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
+  dataset = eval_data.Sa1bRecords(src.records, src.description, config.eval.max_masks)
+  # Every process evaluates its share of the images; all get the gathered result.
+  res = run_eval(model, params, dataset, config.eval)
+  res = {k: v for k, v in res.items() if k != "pictures"}
+  points = ", ".join(f"{k}: {v:.3f}" for k, v in res["miou_points"].items())
+  if jax.process_index() == 0:
+    print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
+          f"{res['miou_1point_default']:.3f} (oracle {res['miou_1point_oracle']:.3f}), box mIoU "
+          f"{res['miou_box']:.3f}, after k points {points}", flush=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
   return res
