@@ -107,22 +107,11 @@ def test_resolve_attention_auto_rules_per_backend():
     r("flash", jnp.bfloat16)
 
 
-<<<<<<< HEAD
-@pytest.mark.slow
-def test_attention_module_cudnn_layout_equals_xla(monkeypatch):
-  """The module's cuDNN branch (heads-last q, k, v straight from qkv) gives the
-  XLA branch's output; the kernel is swapped for XLA's so that this runs on CPU."""
-  import functools
-  x = jnp.asarray(np.random.RandomState(1).randn(2, 6, 5, 24).astype(np.float32))
-  xla = ie.Attention(4, True, (6, 5), implementation="xla")
-  params = xla.init(jax.random.key(0), x)
-=======
 def _module_io(grid, use_rel_pos=True, dim=24, heads=4):
   x = jnp.asarray(np.random.RandomState(1).randn(2, *grid, dim).astype(np.float32))
   params = ie.Attention(heads, use_rel_pos, grid, implementation="xla").init(
       jax.random.key(0), x)
   # Random relative-position tables too (they start at zero).
->>>>>>> ablations
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
                         params)
   return x, params
