@@ -1,8 +1,10 @@
 """The training loop: init or resume, the jitted sharded step, logging, checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole job. Resume order (as in
-big_vision): the workdir's latest checkpoint, else `config.model_init` (a
-sam_jax checkpoint directory, e.g. a converted release), else from scratch.
+`train_and_evaluate(config, workdir)` is the whole job, in named steps:
+`open_data`, `restore_or_init_state`, `evaluate_before_training`, the
+`train_loop`, then `evaluate_and_export`. Resume order (as in big_vision): the
+workdir's latest checkpoint, else `config.model_init` (a sam_jax checkpoint
+directory, e.g. a converted release), else from scratch.
 """
 
 import functools
@@ -201,73 +203,113 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config)
-  mcfg = trainer.mcfg
   if config.get("cache_embeddings"):
-    embedding_cache.check_config(config, mcfg)  # before any work: refuses freeze='full'
+    embedding_cache.check_config(config, trainer.mcfg)  # before any work: refuses freeze='full'
+  train_src, eval_examples = open_data(config, workdir, trainer)
+  mgr = checkpoint_manager(workdir, config)
+  summary = _read_summary(workdir)
+  state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr)
+  if not resumed and eval_examples is not None and config.eval.get("before_training", True):
+    summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config, workdir)
+  if config.get("cache_embeddings"):
+    train_src = with_embedding_cache(config, trainer, state, train_src, workdir)
+  total = stop_at if stop_at is not None else config.total_steps
+  state, step, losses = train_loop(config, trainer, state, train_src, mgr, workdir, start,
+                                   data_step, total)
+  summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
+  if step >= config.total_steps:
+    summary.update(evaluate_and_export(config, trainer, state, eval_examples, workdir,
+                                       summary.get("untrained", {})))
+  _write_summary(workdir, summary)
+  summary["state"] = state
+  return summary
+
+
+def open_data(config, workdir: str, trainer: Trainer):
+  """The training examples, and the held-out examples to evaluate on (None without)."""
+  mcfg = trainer.mcfg
   image_hw = image_size_hw(mcfg)
   low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
   train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
                                      config.data.max_masks, mcfg.pixel_mean)
-  eval_src = None
-  if config.eval.num_images:
-    eval_src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, image_hw, image_hw,
-                                      config.eval.max_masks, mcfg.pixel_mean)
-  if eval_src is not None:
-    eval_examples = data_lib.eval_examples(eval_src, config.eval.num_images)
-    eval_examples = dict(images=eval_examples["image"], masks=eval_examples["masks"],
-                         valid=eval_examples["valid"])
+  if not config.eval.num_images:
+    return train_src, None
+  eval_src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, image_hw, image_hw,
+                                    config.eval.max_masks, mcfg.pixel_mean)
+  if eval_src is None:
+    return train_src, None
+  ex = data_lib.eval_examples(eval_src, config.eval.num_images)
+  return train_src, dict(images=ex["image"], masks=ex["masks"], valid=ex["valid"])
 
-  mgr = checkpoint_manager(workdir, config)
-  summary: Dict[str, Any] = {}
-  summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+
+def _summary_path(workdir: str) -> str:
+  return os.path.join(workdir, "summary.json")
+
+
+def _read_summary(workdir: str) -> Dict[str, Any]:
+  """The summary a previous (interrupted) run of this workdir wrote, else empty."""
+  if not os.path.exists(_summary_path(workdir)):
+    return {}
+  with open(_summary_path(workdir)) as f:
+    return json.load(f)
+
+
+def _write_summary(workdir: str, summary: Dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(_summary_path(workdir), "w") as f:
+      json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
+
+
+def restore_or_init_state(config, trainer: Trainer, mgr):
+  """(state, step, data position, resumed): the workdir's latest checkpoint, else step 0."""
   start = mgr.latest_step()
   if start is not None:
     state, meta = restore_checkpoint(mgr, trainer, start)
     logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
     print(f"Resuming from the checkpoint of step {start}.", flush=True)
-    data_step = meta["data_step"]
-  else:
-    start, data_step = 0, 0
-    state = trainer.init_state(initial_params(config, trainer.model))
-    if eval_src is not None and config.eval.get("before_training", True):
-      # The state's parameters, placed as after training: the evaluation compiles once.
-      res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
-      summary["untrained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-      if jax.process_index() == 0:
-        np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
-      print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
-            f"box mIoU {res['miou_box']:.3f}", flush=True)
+    return state, start, meta["data_step"], True
+  return trainer.init_state(initial_params(config, trainer.model)), 0, 0, False
 
-  if config.get("cache_embeddings"):
-    cache = embedding_cache.open_or_build(
-        config.get("embedding_cache_dir") or os.path.join(workdir, "embeddings"), train_src,
-        trainer.model, state["params"], mcfg, trainer.mesh, config.batch_size, config.seed)
-    train_src = embedding_cache.CachedSource(train_src, cache)  # batches carry `embeddings`
-  total = stop_at if stop_at is not None else config.total_steps
+
+def evaluate_before_training(trainer: Trainer, state: State, eval_examples, config,
+                             workdir: str) -> Dict[str, Any]:
+  """The untrained model's prompt mIoUs (its 1-point masks kept for the final picture)."""
+  # The state's parameters, placed as after training: the evaluation compiles once.
+  res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
+  if jax.process_index() == 0:
+    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
+  print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
+        f"box mIoU {res['miou_box']:.3f}", flush=True)
+  return {k: v for k, v in res.items() if k != "masks_1point"}
+
+
+def with_embedding_cache(config, trainer: Trainer, state: State, train_src, workdir: str):
+  """The training examples with their image embeddings (cached, built on first use)."""
+  cache = embedding_cache.open_or_build(
+      config.get("embedding_cache_dir") or os.path.join(workdir, "embeddings"), train_src,
+      trainer.model, state["params"], trainer.mcfg, trainer.mesh, config.batch_size, config.seed)
+  return embedding_cache.CachedSource(train_src, cache)  # batches carry `embeddings`
+
+
+def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: str,
+               start: int, data_step: int, total: int):
+  """Steps `start + 1 .. total`, logging and checkpointing on the way.
+
+  Returns the last state, the last step and the host losses by step.
+  """
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
                                    jax.process_index(), jax.process_count())
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  log = MetricsLog(workdir, config)
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
   step = start
-  peak = flops.peak_flops(jax.devices()[0].device_kind, mcfg.dtype, config.get("peak_flops"))
+  peak = flops.peak_flops(jax.devices()[0].device_kind, trainer.mcfg.dtype,
+                          config.get("peak_flops"))
   step_flops = None
-  writer = None
-  if config.get("tensorboard") and jax.process_index() == 0:
-    from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
-    writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
   try:
     for step in range(start + 1, total + 1):
-      batch = next(batches)
-      inputs = dict(masks=batch["masks"], valid=batch["valid"])
-      if "embeddings" in batch:
-        inputs["embeddings"] = batch["embeddings"]
-      else:
-        inputs["images"] = batch["image"]
+      inputs = _step_inputs(next(batches))
       if step_flops is None:
         step_flops = _count_step_flops(trainer, inputs, peak)
       state, metrics = trainer.train_step(state, inputs)
@@ -280,51 +322,81 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
         for s, m in host:
           losses[s] = m["loss"]
         dt = time.time() - t0
-        record = dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
-                      skipped_examples=train_src.num_skipped,
-                      **flops.utilization(step_flops * images_seen / config.batch_size, dt,
-                                          peak, jax.device_count()))
+        log.write(dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
+                       skipped_examples=train_src.num_skipped,
+                       **flops.utilization(step_flops * images_seen / config.batch_size, dt,
+                                           peak, jax.device_count())))
         t0, images_seen = time.time(), 0
-        if jax.process_index() == 0:
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-          writer.write(step, record)
-        print(f"step {step}/{config.total_steps} loss {record['loss']:.4f} "
-              f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
-              f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
-              f"{record['images_per_s']:.1f} img/s", flush=True)
       if should_save:
         save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
   finally:
     batches.close()  # stops the prefetching thread
     mgr.wait_until_finished()
-    if writer is not None:
-      writer.close()
-  summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
+    log.close()
+  return state, step, losses
 
-  if step >= config.total_steps:
-    params = _gathered(state["params"])
-    if eval_src is not None:
-      res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
-      summary["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
-      if jax.process_index() == 0:
-        _write_picture(workdir, eval_examples, res["masks_1point"])
-      u = summary.get("untrained", {})
-      print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
-            f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
-            f"{res['miou_box']:.3f}; after {config.eval.num_clicks} clicks: "
-            f"{res['miou_clicks'][-1]:.3f} ({res['num_masks']} held-out masks)", flush=True)
-    if config.get("export") and jax.process_index() == 0:
-      export_dir = os.path.join(workdir, "export")
-      save_sam(export_dir, mcfg, jax.device_get(params), overwrite=True)
-      summary["export"] = export_dir
-      print(f"Exported the trained parameters to {export_dir} (load with sam_jax.checkpoint.load_sam).")
-  if jax.process_index() == 0:
-    with open(summary_path, "w") as f:
-      json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
-  summary["state"] = state
-  return summary
+
+def _step_inputs(batch) -> Dict[str, Any]:
+  """The step's inputs: the images, or their cached embeddings, with the masks."""
+  inputs = dict(masks=batch["masks"], valid=batch["valid"])
+  if "embeddings" in batch:
+    inputs["embeddings"] = batch["embeddings"]
+  else:
+    inputs["images"] = batch["image"]
+  return inputs
+
+
+class MetricsLog:
+  """One record per log step: WORKDIR/metrics.jsonl, TensorBoard if asked, and a printed line."""
+
+  def __init__(self, workdir: str, config):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total_steps = config.total_steps
+    self.writer = None
+    if config.get("tensorboard") and jax.process_index() == 0:
+      from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
+      self.writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: Dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if self.writer is not None:
+      self.writer.write(record["step"], record)
+    print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+          f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
+          f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
+          f"{record['images_per_s']:.1f} img/s", flush=True)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, workdir: str,
+                        untrained: Dict[str, Any]) -> Dict[str, Any]:
+  """After the last step: the trained model's mIoUs and picture, and the export.
+
+  Returns the summary entries (`trained`, `export`) it produced.
+  """
+  out = {}
+  params = _gathered(state["params"])
+  if eval_examples is not None:
+    res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
+    out["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
+    if jax.process_index() == 0:
+      _write_picture(workdir, eval_examples, res["masks_1point"])
+    u = untrained
+    print(f"1-point mIoU: untrained {u.get('miou_1point', float('nan')):.3f} -> trained "
+          f"{res['miou_1point']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
+          f"{res['miou_box']:.3f}; after {config.eval.num_clicks} clicks: "
+          f"{res['miou_clicks'][-1]:.3f} ({res['num_masks']} held-out masks)", flush=True)
+  if config.get("export") and jax.process_index() == 0:
+    export_dir = os.path.join(workdir, "export")
+    save_sam(export_dir, trainer.mcfg, jax.device_get(params), overwrite=True)
+    out["export"] = export_dir
+    print(f"Exported the trained parameters to {export_dir} (load with sam_jax.checkpoint.load_sam).")
+  return out
 
 
 def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
