@@ -107,7 +107,7 @@ def test_attention_module_cudnn_layout_equals_xla(monkeypatch):
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
                         params)
   want = xla.apply(params, x)
-  monkeypatch.setattr(ie, "resolve_attention", lambda implementation, dtype: implementation)
+  monkeypatch.setattr(ie, "resolve_attention", lambda implementation, dtype, tokens=None: implementation)
   monkeypatch.setattr(ie, "cudnn_attention",
                       functools.partial(ie.cudnn_attention, implementation="xla"))
   got = ie.Attention(4, True, (6, 5), implementation="cudnn").apply(params, x)
