@@ -48,10 +48,12 @@ def test_splash_matches_xla_values_and_gradients():
 
 
 def test_auto_picks_splash_for_tpu_global_blocks_only():
-  with ie.compiling_for("tpu"):
-    assert ie.resolve_attention("auto", jnp.bfloat16, 64 * 64) == "splash"
-    assert ie.resolve_attention("auto", jnp.bfloat16, 14 * 14) == "xla"  # windows
-  assert ie.resolve_attention("auto", jnp.bfloat16, 64 * 64) == "xla"  # on this CPU
+  r = ie.resolve_attention
+  assert r("auto", jnp.bfloat16, (64, 64), 80, backend="tpu") == "splash"
+  assert r("auto", jnp.bfloat16, (14, 14), 80, backend="tpu") == "xla"  # windows
+  with ie.compiling_for("tpu"):  # the compile mode's target, on this CPU
+    assert r("auto", jnp.float32, (64, 64), 80) == "splash"
+  assert r("auto", jnp.float32, (64, 64), 80, backend="cpu") != "splash"
   with pytest.raises(ValueError, match="multiple of 128"):
     q, k, v, _ = _inputs((10, 10))
     ie.splash_attention(q, k, v, None, None, (10, 10), interpret=True)

@@ -102,3 +102,15 @@ def test_the_cache_refuses_a_training_encoder(tmp_path):
   with pytest.raises(ValueError, match="needs a frozen image encoder"):
     trainer.train_and_evaluate(config, str(tmp_path / "full"))
   assert not os.path.exists(tmp_path / "full" / "embeddings")
+
+
+def test_what_is_frozen_decides_whether_embeddings_can_be_cached():
+  config = tiny_config()
+  config.cache_embeddings = True
+  for freeze in ("frozen_image_encoder", "decoder_only", "image_encoder/.*"):
+    config.freeze = freeze
+    embedding_cache.check_config(config, config.model)  # the whole encoder is frozen
+  for freeze in ("full", "image_encoder/blocks_0/.*", "prompt_encoder/.*"):
+    config.freeze = freeze
+    with pytest.raises(ValueError, match="needs a frozen image encoder"):
+      embedding_cache.check_config(config, config.model)

@@ -6,6 +6,7 @@ the output embedding (B, h, w, out_chans).
 
 import contextlib
 import contextvars
+import functools
 from typing import Optional, Sequence, Tuple
 
 import einops
@@ -194,7 +195,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[ja
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
                      rel_w: Optional[jax.Array], k_size: Tuple[int, int],
-                     interpret: bool = False) -> jax.Array:
+                     interpret: Optional[bool] = None) -> jax.Array:
   """`_attend` through Pallas' splash (flash) attention on TPU; q, k, v (B, N, heads, d), q scaled.
 
   As `cudnn_attention`, the bias is folded into q and k (no (heads, N, N)
@@ -202,11 +203,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[j
   lanes. N must be a multiple of 128 (a 64x64 grid is). Inside a mesh, the
   kernel (an opaque custom call to the SPMD partitioner) runs per shard under
   `shard_map`: batch over (data, fsdp), heads over tensor. `interpret` runs
-  the kernel's Python semantics on any backend (the CPU parity test).
+  the kernel's Python semantics on any backend (the CPU parity test); by
+  default, wherever the target is not a TPU.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
       splash_attention_kernel as splash, splash_attention_mask as masks)
   b, n, heads, d = q.shape
+  interpret = target_platform() != "tpu" if interpret is None else interpret
   if n % 128:
     raise ValueError(f"splash attention needs a multiple of 128 tokens, got {n}; use 'xla'.")
   if rel_h is not None:
@@ -231,8 +234,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[j
   return attend(q, k, v).transpose(0, 2, 1, 3)[..., :d]
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-
 # The platform the model is traced for when it differs from the host's, as when
 # compiling for abstract TPU devices on a CPU machine (sam_jax.train.compile_report).
 _TARGET_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("target_platform", default=None)
@@ -253,21 +254,89 @@ def target_platform() -> str:
   return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
-def resolve_attention(implementation: str, dtype, tokens: Optional[int] = None) -> str:
-  """"auto": cuDNN flash attention on GPUs in half precision; on TPU, splash attention
-  for sequences of 1024 tokens or more in multiples of 128 (global blocks); XLA otherwise."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}.")
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                  rel_w: Optional[jax.Array], k_size: Tuple[int, int], fold: bool = False,
+                  query_chunk: int = 0) -> jax.Array:
+  """`_attend` through XLA, one head at a time; q, k, v are (B, N, heads, d), q scaled.
+
+  `fold`: the bias as kh + kw more columns of q k^T (`fold_rel_pos`) rather than
+  added in the softmax's fusion. `query_chunk`: `chunked_attention`'s chunk (0: none).
+  """
+  if fold and rel_h is not None:
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
+    rel_h = rel_w = None
+  if not query_chunk:
+    # (B, heads, N, d): heads stay their own axis, so a tensor-parallel split of
+    # them needs no resharding (merged with the batch, they would).
+    swap = lambda t: None if t is None else jnp.swapaxes(t, 1, 2)  # noqa: E731
+    return swap(_attend(*map(swap, (q, k, v, rel_h, rel_w)), k_size))
+  heads_first = lambda t: None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")  # noqa: E731
+  out = chunked_attention(*map(heads_first, (q, k, v, rel_h, rel_w)), k_size, query_chunk)
+  return einops.rearrange(out, "(b n) l d -> b l n d", b=q.shape[0])
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                    rel_w: Optional[jax.Array], k_size: Tuple[int, int]) -> jax.Array:
+  """The reference's formula: the (heads, N, N) bias materialised, then a plain softmax."""
+  scores = jnp.einsum("bqnd,bknd->bnqk", q, k)
+  if rel_h is not None:
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, N, heads, kh, kw)
+    scores = scores + einops.rearrange(bias, "b q n kh kw -> b n q (kh kw)")
+  p = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqk,bknd->bqnd", p, v)
+
+
+# Queries per chunk of the "*_chunked" implementations.
+QUERY_CHUNK = 256
+
+# The image encoder's attention functions by name, as `attention_fn` in Flax's
+# MultiHeadDotProductAttention: f(q, k, v, rel_h, rel_w, k_size) -> (B, N, heads, d)
+# with q, k, v (B, N, heads, d), q already scaled, and rel_h (B, N, heads, kh),
+# rel_w (B, N, heads, kw) the decomposed relative-position bias (or None).
+ATTENTION_FNS = {
+    "xla": xla_attention,  # every query at once, the bias added in the softmax's fusion
+    "xla_chunked": functools.partial(xla_attention, query_chunk=QUERY_CHUNK),
+    "xla_folded": functools.partial(xla_attention, fold=True),
+    "xla_folded_chunked": functools.partial(xla_attention, fold=True, query_chunk=QUERY_CHUNK),
+    "cudnn": cudnn_attention,  # flash attention; GPU, half precision
+    "splash": splash_attention,  # Pallas flash attention; TPU, N a multiple of 128
+    "dense": dense_attention,
+}
+
+
+def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None,
+                      head_dim: Optional[int] = None, use_rel_pos: bool = True,
+                      backend: Optional[str] = None, query_chunk: int = QUERY_CHUNK) -> str:
+  """The name in `ATTENTION_FNS` that `name` stands for; "auto" picks by backend:
+
+  - a GPU in half precision: "cudnn";
+  - a CPU: the bias folded into q k^T when that adds at most head_dim columns (a
+    window's kh + kw), and more than `query_chunk` queries scored a chunk at a time,
+    which keeps the (N, N) scores in cache;
+  - a TPU: "splash" for 1024 tokens or more in multiples of 128 (global blocks);
+  - otherwise "xla". Without `k_size` the CPU rules are not applied (a summary).
+  `backend` defaults to the platform compiled for (`compiling_for`), else JAX's default.
+  """
+  if name != "auto" and name not in ATTENTION_FNS:
+    raise ValueError(f"Unknown attention implementation {name!r}; choose one of "
+                     f"{['auto', *ATTENTION_FNS]}.")
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if implementation == "auto":
-    if target_platform() == "tpu" and tokens and tokens >= 1024 and tokens % 128 == 0:
-      return "splash"
-    return "cudnn" if half and target_platform() == "gpu" else "xla"
-  if implementation == "cudnn" and not half:
+  if name == "cudnn" and not half:
     raise ValueError("attention 'cudnn' (flash attention) needs a bfloat16 or float16 model "
                      "(config.dtype); use 'xla' or 'auto' for float32.")
-  return implementation
+  if name != "auto":
+    return name
+  backend = backend or target_platform()
+  if half and backend == "gpu":
+    return "cudnn"
+  if backend == "tpu" and k_size is not None and (n := k_size[0] * k_size[1]) >= 1024 \
+      and n % 128 == 0:
+    return "splash"
+  if backend != "cpu" or k_size is None:
+    return "xla"
+  fold = use_rel_pos and sum(k_size) <= head_dim
+  chunk = bool(query_chunk) and k_size[0] * k_size[1] > query_chunk
+  return "xla" + ("_folded" if fold else "") + ("_chunked" if chunk else "")
 
 
 class QKV(nn.Module):
@@ -304,22 +373,21 @@ class Attention(nn.Module):
   input_size: Tuple[int, int] = (14, 14)  # sizes the relative-position tables
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
-  # "xla", "cudnn" (GPU, half precision), "splash" (TPU) or "auto"; see `resolve_attention`.
+  # A name in ATTENTION_FNS, or "auto" (see `resolve_attention`).
   implementation: str = "auto"
-  # With XLA on CPU, grids of more tokens are attended this many queries of
-  # one head at a time (see `chunked_attention`); 0 scores every query at
-  # once, as on accelerators, where the sequential chunks would only cost.
-  # Windows (196 tokens) are never chunked; a 64x64 global grid is.
-  query_chunk: int = 256
+  query_chunk: int = QUERY_CHUNK  # queries per chunk of the "*_chunked" implementations
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, dim = x.shape
     head_dim = dim // self.num_heads
-    implementation = resolve_attention(self.implementation, self.dtype, h * w)
+    name = resolve_attention(self.implementation, self.dtype, (h, w), head_dim,
+                             self.use_rel_pos, query_chunk=self.query_chunk)
+    attention_fn = ATTENTION_FNS[name]
+    if name.endswith("_chunked"):
+      attention_fn = functools.partial(attention_fn, query_chunk=self.query_chunk)
     # (B, tokens, 3, heads, d); heads split over the tensor axis (Megatron).
     qkv = QKV(self.num_heads, self.qkv_bias, self.dtype, name="qkv")(x)
-    # (B, tokens, heads, d), cuDNN's and splash's layout: no transposes.
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     rel_h = rel_w = None
     if self.use_rel_pos:
@@ -329,31 +397,7 @@ class Attention(nn.Module):
       rel_h, rel_w = decomposed_rel_pos_terms(
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
     q = q * head_dim**-0.5
-    if implementation == "cudnn":
-      x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
-    elif implementation == "splash":
-      x = splash_attention(q, k, v, rel_h, rel_w, (h, w),
-                           interpret=target_platform() != "tpu").reshape(b, h, w, dim)
-    else:
-      on_cpu = target_platform() == "cpu"
-      if rel_h is not None and sum((h, w)) <= head_dim and on_cpu:
-        # Windows: the bias as kh + kw more columns of one product rather than
-        # added in the softmax's fusion, faster on a CPU (BENCHMARKS.md, the
-        # window fold); a 64x64 grid's 128 columns cost more than they save.
-        # CPU only: not yet measured on an accelerator.
-        q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
-        rel_h = rel_w = None
-      # (B, heads, tokens, d): heads stay their own axis, so a tensor-parallel
-      # split of them needs no resharding.
-      q, k, v, *rel = (jnp.swapaxes(t, 1, 2) for t in (q, k, v) + (
-          (rel_h, rel_w) if rel_h is not None else ()))
-      if on_cpu:
-        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
-        x = chunked_attention(flat(q), flat(k), flat(v), *([flat(t) for t in rel] or [None, None]),
-                              (h, w), self.query_chunk).reshape(v.shape)
-      else:
-        x = _attend(q, k, v, *(rel or (None, None)), (h, w))
-      x = einops.rearrange(x, "b n (h w) d -> b h w (n d)", h=h)
+    x = attention_fn(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
     x = nn.with_logical_constraint(x, ("batch", "height", "width", "heads"))
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
 
@@ -368,7 +412,7 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  attention: str = "auto"  # the attention's implementation
+  attention: str = "auto"  # a name in ATTENTION_FNS, or "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -425,8 +469,8 @@ class ImageEncoderViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False  # rematerialise each block in the backward pass
   dtype: jnp.dtype = jnp.float32
-  # Attention implementations ("auto", "xla", "cudnn", "splash") of the global and the
-  # windowed blocks, which differ in sequence length (4096 and 196 at 1024).
+  # Attention implementations (names in ATTENTION_FNS, or "auto") of the global
+  # and the windowed blocks, which differ in sequence length (4096 and 196 at 1024).
   attention: str = "auto"
   window_attention: str = "auto"
 

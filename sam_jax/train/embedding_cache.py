@@ -1,7 +1,8 @@
 """Image embeddings computed once, for training with a frozen image encoder.
 
-With `config.freeze` 'frozen_image_encoder' or 'decoder_only' the encoder's
-parameters never change, so an image's embedding is the same at every step.
+When `config.freeze` freezes every parameter of the image encoder (the presets
+'frozen_image_encoder' and 'decoder_only' do), the encoder never changes, so an
+image's embedding is the same at every step.
 `config.cache_embeddings = True` computes the embedding of every training
 example once (jitted, a global batch at a time, sharded as the training batch)
 into `.npy` files under WORKDIR/embeddings (or `config.embedding_cache_dir`),
@@ -32,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.build import build_sam
+from sam_jax.checkpoint import abstract_params
 from sam_jax.modeling.sam import Sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import recipe
+from sam_jax.train import param_groups
 from sam_jax.train import sharding as shard_lib
 
 FORMAT_VERSION = 1
@@ -43,11 +46,13 @@ META = "meta.json"
 
 def check_config(config, mcfg) -> None:
   """Refuses a cache that could not reproduce the uncached training."""
-  if config.freeze not in recipe.FROZEN_ENCODER:
+  if not param_groups.all_frozen(abstract_params(build_sam(mcfg)), config.freeze,
+                                 "image_encoder"):
     raise ValueError(
-        f"config.cache_embeddings needs a frozen image encoder (config.freeze in "
-        f"{recipe.FROZEN_ENCODER}); with freeze={config.freeze!r} the encoder trains and its "
-        "embeddings change at every step. Set config.cache_embeddings=False.")
+        f"config.cache_embeddings needs a frozen image encoder (config.freeze matching every "
+        f"'image_encoder/...' parameter, e.g. 'frozen_image_encoder'); with "
+        f"freeze={config.freeze!r} the encoder trains and its embeddings change at every step. "
+        "Set config.cache_embeddings=False.")
   if mcfg.image_encoder.get("drop_path_rate", 0.0) > 0:
     raise ValueError(
         f"config.cache_embeddings: the encoder's drop_path_rate is "
