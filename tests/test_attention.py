@@ -95,7 +95,8 @@ def test_every_registered_attention_gives_the_same_outputs(grid, use_rel_pos, qu
 
   want, want_grads = run("dense")
   scale = float(jnp.abs(want).max())
-  for name in [n for n in ie.ATTENTION_FNS if n != "cudnn"] + ["auto"]:
+  # Splash needs a multiple of 128 tokens: tests/test_tpu_attention.py checks it.
+  for name in [n for n in ie.ATTENTION_FNS if n not in ("cudnn", "splash")] + ["auto"]:
     got, grads = run(name)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=name)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
