@@ -13,25 +13,30 @@ import os
 import sys
 
 from sam_jax import build_sam
-from sam_jax.checkpoint import CheckpointError, abstract_params, load_sam, save_sam
-from sam_jax.convert import (ConversionError, infer_config, params_to_state_dict,
-                             read_torch_checkpoint, state_dict_to_params,
-                             write_torch_checkpoint)
+from sam_jax.checkpoint import (CheckpointError, abstract_params, is_checkpoint, load_manifest,
+                                load_sam, save_sam)
+from sam_jax.convert import (ConversionError, infer_config, is_torch_checkpoint,
+                             params_to_state_dict, read_torch_checkpoint, state_dict_to_params,
+                             torch_dtypes, write_torch_checkpoint)
+from sam_jax.outputs import OutputError, check_output
 
 
 def to_jax(checkpoint: str, output: str, model_type=None, overwrite=False):
+  check_output(os.path.abspath(output), overwrite, is_checkpoint, "checkpoint")  # before the work
   state_dict = read_torch_checkpoint(checkpoint)
   config = infer_config(state_dict, model_type)
   params = state_dict_to_params(state_dict, abstract_params(build_sam(config)))
-  save_sam(output, config, params, overwrite=overwrite)
+  # Tensors that were not float32 (e.g. bfloat16) are stored widened; --to-pytorch restores them.
+  save_sam(output, config, params, overwrite=overwrite,
+           source=dict(file=os.path.basename(checkpoint), torch_dtypes=torch_dtypes(checkpoint)))
   return config
 
 
 def to_pytorch(checkpoint: str, output: str, overwrite=False):
-  if os.path.exists(output) and not overwrite:
-    raise CheckpointError(f"{output} exists already; choose another path or pass --overwrite.")
+  check_output(os.path.abspath(output), overwrite, is_torch_checkpoint, "PyTorch checkpoint")
   _, params = load_sam(checkpoint)
-  write_torch_checkpoint(params_to_state_dict(params), output)
+  dtypes = ((load_manifest(checkpoint) or {}).get("source") or {}).get("torch_dtypes")
+  write_torch_checkpoint(params_to_state_dict(params), output, overwrite, dtypes)
 
 
 def main(argv=None) -> int:
@@ -53,8 +58,11 @@ def main(argv=None) -> int:
     else:
       config = to_jax(args.checkpoint, args.output, args.model_type, args.overwrite)
       print(f"wrote {args.output} ({config.variant}, image size {config.image_size})")
-  except (ConversionError, CheckpointError) as e:
+  except (ConversionError, CheckpointError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # e.g. a full disk or a folder made read-only while writing
+    print(f"error: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
     return 1
   return 0
 

@@ -51,6 +51,11 @@ def get_config(arg=None):
       train_dir="", eval_dir="",
       generate=dict(num_train=400, num_eval=24, size=128, max_shapes=5, seed=0),
       max_masks=4, max_mask_fraction=0.9)
+  # Corrupt data stops the run (docs/reliability.md): steps without any valid mask,
+  # and the share of corrupt examples among those seen.
+  c.data.max_empty_batches = 10
+  c.data.max_skipped_fraction = 0.1
+  c.diverge_factor = 100.0  # a parameter norm or loss this many times its usual stops the run
   c.batch_size = 8
   c.total_steps = 400 if quick else 600
   c.log_every = 50

@@ -27,6 +27,11 @@ def get_config(arg=None):
   c.model_overrides = dict(dtype="float32")
   c.freeze = "frozen_image_encoder"
   c.data = dict(train_dir="", eval_dir="", generate=None, max_masks=16, max_mask_fraction=0.9)
+  # Corrupt data stops the run (docs/reliability.md): steps without any valid mask,
+  # and the share of corrupt examples among those seen.
+  c.data.max_empty_batches = 10
+  c.data.max_skipped_fraction = 0.1
+  c.diverge_factor = 100.0  # a parameter norm or loss this many times its usual stops the run
   c.batch_size = 4
   c.total_steps = 2000
   c.log_every = 20

@@ -63,6 +63,11 @@ def get_config(arg=None):
   c.data = dict(tfds_name="segment_anything", tfds_data_dir="", train_split="train",
                 eval_split="", train_dir="", eval_dir="", generate=None,
                 max_masks=64, max_mask_fraction=0.9)
+  # Corrupt data stops the run (docs/reliability.md): steps without any valid mask,
+  # and the share of corrupt examples among those seen.
+  c.data.max_empty_batches = 10
+  c.data.max_skipped_fraction = 0.1
+  c.diverge_factor = 100.0  # a parameter norm or loss this many times its usual stops the run
   c.batch_size = batch
   c.total_steps = steps
   c.log_every = 50

@@ -12,13 +12,15 @@ OUT/<name>_overlay.png showing every mask over the image.
 import argparse
 import json
 import os
-import shutil
+import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from tqdm import tqdm
+
+from sam_jax.outputs import OutputError, atomic_output
 
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
                    "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
@@ -78,8 +80,11 @@ def list_images(path: str) -> List[str]:
     raise FileNotFoundError(f"--input {path} does not exist.")
   if not os.path.isdir(path):
     return [path]
-  return sorted(os.path.join(path, f) for f in os.listdir(path)
-                if not os.path.isdir(os.path.join(path, f)))
+  files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                 if not os.path.isdir(os.path.join(path, f)))
+  if not files:
+    raise FileNotFoundError(f"--input {path} is an empty folder: no images to process.")
+  return files
 
 
 def read_rgb(path: str) -> Optional[np.ndarray]:
@@ -105,12 +110,58 @@ def write_masks_to_folder(masks: List[Dict[str, Any]], path: str) -> None:
     f.write("\n".join(rows))
 
 
-def _prepare(target: str, overwrite: bool) -> None:
-  if os.path.exists(target):
-    if not overwrite:
-      raise FileExistsError(f"{target} exists already: choose another --output or pass "
+def _is_mask_folder(path: str) -> Optional[str]:
+  """None if `path` is a folder this script wrote (N.png files and metadata.csv), else why not."""
+  if os.path.islink(path) or not os.path.isdir(path):
+    return "it is not a folder of masks"
+  if all(re.fullmatch(r"\d+\.png|metadata\.csv", f) for f in os.listdir(path)):
+    return None
+  return "it holds files other than the masks (N.png) and metadata.csv this script writes"
+
+
+def _is_rle_file(path: str) -> Optional[str]:
+  try:
+    with open(path) as f:
+      if isinstance(json.load(f), list):
+        return None
+  except (OSError, ValueError):
+    pass
+  return "it is not a JSON list of masks as this script writes"
+
+
+def _is_png(path: str) -> Optional[str]:
+  if os.path.isfile(path) and not os.path.islink(path):
+    with open(path, "rb") as f:
+      if f.read(8) == b"\x89PNG\r\n\x1a\n":
+        return None
+  return "it is not a PNG file"
+
+
+def _outputs(base: str, args: argparse.Namespace) -> List[Tuple[str, Any]]:
+  """(path, replaceable) of what this script writes for one image."""
+  out = [(base + ".json", _is_rle_file) if args.convert_to_rle else (base, _is_mask_folder)]
+  return out + ([(base + "_overlay.png", _is_png)] if args.overlay else [])
+
+
+def _check_outputs(targets: List[str], args: argparse.Namespace) -> None:
+  """Before any work: no two images may share an output, nor one replace what we did not write."""
+  stems: Dict[str, List[str]] = {}
+  for t in targets:
+    stems.setdefault(os.path.splitext(os.path.basename(t))[0], []).append(os.path.basename(t))
+  clashes = [" and ".join(names) for names in stems.values() if len(names) > 1]
+  if clashes:
+    raise ValueError(f"These inputs would write the same outputs (named after the file name "
+                     f"without its extension): {'; '.join(clashes)}. Rename or move one of each.")
+  for stem in stems:
+    for path, replaceable in _outputs(os.path.join(args.output, stem), args):
+      if os.path.lexists(path):
+        if not args.overwrite:
+          raise OutputError(f"{path} exists already: choose another --output or pass "
                             "--overwrite.")
-    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        why = replaceable(path)
+        if why:
+          raise OutputError(f"Refusing to replace {path}: {why}; move it away or choose "
+                            "another --output.")
 
 
 def load_model(checkpoint: str, model_type: Optional[str]):
@@ -142,9 +193,11 @@ def run(args: argparse.Namespace) -> int:
     platform = "gpu" if args.device == "cuda" else args.device
     jax.config.update("jax_default_device", jax.devices(platform)[0])
   targets = list_images(args.input)
+  _check_outputs(targets, args)
   model, params = load_model(args.checkpoint, args.model_type)
   generator = SamAutomaticMaskGenerator(model, params, **generator_kwargs(args))
   os.makedirs(args.output, exist_ok=True)
+  done = 0
   for target in tqdm(targets, desc="Images", unit="image"):
     image = read_rgb(target)
     if image is None:
@@ -152,19 +205,26 @@ def run(args: argparse.Namespace) -> int:
       continue
     masks = generator.generate(image)
     base = os.path.join(args.output, os.path.splitext(os.path.basename(target))[0])
-    if args.convert_to_rle:
-      _prepare(base + ".json", args.overwrite)
-      with open(base + ".json", "w") as f:
-        json.dump(masks, f)
-    else:
-      _prepare(base, args.overwrite)
-      os.makedirs(base)
-      write_masks_to_folder(masks, base)
-    if args.overlay:
+    (path, replaceable), *overlay = _outputs(base, args)
+    with atomic_output(path, args.overwrite, replaceable, "output") as tmp:
+      if args.convert_to_rle:
+        with open(tmp, "w") as f:
+          json.dump(masks, f)
+      else:
+        os.makedirs(tmp)
+        write_masks_to_folder(masks, tmp)
+    if overlay:
       binary = [m["segmentation"] if isinstance(m["segmentation"], np.ndarray)
                 else rle_to_mask(m["segmentation"]) for m in masks]
-      write_rgb(base + "_overlay.png", overlay_masks(image, binary))
+      picture = overlay_masks(image, binary)
+      with atomic_output(overlay[0][0], args.overwrite, _is_png, "overlay") as tmp:
+        with open(tmp, "wb") as f:  # encoded here: the temporary name has no extension
+          f.write(cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes())
     tqdm.write(f"{target}: {len(masks)} masks")
+    done += 1
+  if not done:
+    raise ValueError(f"None of the {len(targets)} files in --input {args.input} could be read "
+                     "as an image.")
   return 0
 
 

@@ -1,10 +1,11 @@
 """sam_jax checkpoints: a directory with `config.json` and an Orbax `params` tree."""
 
 import functools
+import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import re
 from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
@@ -13,12 +14,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sam_jax import outputs
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.modeling.image_encoder import linear_resize_matrix
 from sam_jax.modeling.sam import Sam
 
 Params = Dict[str, Any]
-CONFIG_FILE, PARAMS_DIR = "config.json", "params"
+CONFIG_FILE, PARAMS_DIR, MANIFEST_FILE = "config.json", "params", "manifest.json"
+MANIFEST_FORMAT = "sam_jax checkpoint 1"
 
 
 class CheckpointError(ValueError):
@@ -89,11 +92,9 @@ def resize_params(params: Params, target: Params) -> Params:
   return jax.tree_util.tree_map_with_path(adapt, params, target)
 
 
-def check_params(params: Params, target: Params, allow_resize: bool = False) -> None:
+def check_params(params: Params, target: Params) -> None:
   """Raises CheckpointError listing every missing, unexpected and mis-shaped parameter."""
   missing, unexpected, shapes = _shape_mismatches(params, target)
-  if allow_resize:
-    shapes = [k for k in shapes if not k.endswith(("['pos_embed']", "['rel_pos_h']", "['rel_pos_w']"))]
   if missing or unexpected or shapes:
     lines = ["The parameters do not fit the model:"]
     for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
@@ -102,71 +103,247 @@ def check_params(params: Params, target: Params, allow_resize: bool = False) -> 
     raise CheckpointError("\n".join(lines))
 
 
+def _array_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def checksums(params: Params) -> Dict[str, Dict[str, Any]]:
+  """{name: shape, dtype and sha256 of the bytes} of every array, as the manifest records them."""
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    x = np.ascontiguousarray(np.asarray(x))
+    out[_array_name(path)] = dict(shape=list(x.shape), dtype=str(x.dtype),
+                                  sha256=hashlib.sha256(x.data).hexdigest())
+  return out
+
+
+def is_checkpoint(directory: str) -> Optional[str]:
+  """None if `directory` is a sam_jax checkpoint (or empty), else why not.
+
+  A checkpoint holds exactly what `save_sam` writes: `config.json`, `params/`
+  and (since checksums) `manifest.json`; anything else in it is not ours.
+  """
+  if os.path.islink(directory) or not os.path.isdir(directory):
+    return "it is not a folder, so not a sam_jax checkpoint"
+  names = set(os.listdir(directory))
+  if not names:
+    return None
+  if {CONFIG_FILE, PARAMS_DIR} <= names <= {CONFIG_FILE, PARAMS_DIR, MANIFEST_FILE}:
+    return None
+  return ("it is not a sam_jax checkpoint (one holds only config.json, params/ and "
+          "manifest.json)")
+
+
 def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,
-             overwrite: bool = False) -> None:
+             overwrite: bool = False, source: Optional[Dict[str, Any]] = None) -> None:
   """Writes a checkpoint directory atomically: a failed save leaves nothing behind.
 
-  `params` are host (or fully addressable) arrays, written by the calling process
-  alone: with several processes, one of them calls this (the others do not wait).
+  With `overwrite`, only an existing sam_jax checkpoint (or an empty folder) is
+  replaced, by a swap once the new one is complete. `manifest.json` records
+  each array's sha256, which `load_sam` verifies, and `source` (e.g. the
+  dtypes of a converted state dict). `params` are host (or fully addressable)
+  arrays, written by the calling process alone: with several processes, one of
+  them calls this (the others do not wait).
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise CheckpointError(f"{directory} exists already; choose another path or pass overwrite.")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
   check_params(params, abstract_params(build_sam(config)))
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory), dir=parent)
-  try:
+  params = jax.tree_util.tree_map(np.asarray, params)
+  manifest = dict(format=MANIFEST_FORMAT, arrays=checksums(params), source=source or {})
+  with outputs.atomic_output(directory, overwrite, is_checkpoint, "checkpoint") as tmp:
+    os.makedirs(tmp)
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
     ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), jax.tree_util.tree_map(np.asarray, params))
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
+    manifest["files"] = _file_sizes(os.path.join(tmp, PARAMS_DIR))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
+      json.dump(manifest, f, indent=1)
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
+  """A checkpoint's model config; a missing, corrupt or incomplete one is a CheckpointError."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     hint = (" It looks like a PyTorch checkpoint: convert it with "
             "`python convert_weights.py --checkpoint FILE --output DIR` first."
             if str(directory).endswith((".pth", ".pt", ".bin")) else "")
     raise CheckpointError(f"{directory} is not a sam_jax checkpoint directory (no {CONFIG_FILE}).{hint}")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f), type_safe=False)
-  if isinstance(config.image_size, (list, tuple)):
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the converter "
+                          "or the run that wrote the checkpoint.") from e
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a model config.")
+  config = ml_collections.ConfigDict(raw, type_safe=False)
+  if isinstance(config.get("image_size"), (list, tuple)):
     config.image_size = tuple(config.image_size)
+  try:
+    build_sam(config)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path} does not describe a model: {type(e).__name__}: {e}") from e
   return config
 
 
-def load_sam(directory: str, image_size: Optional[Union[int, Tuple[int, int]]] = None
-             ) -> Tuple[Sam, Params]:
+def load_manifest(directory: str) -> Optional[Dict[str, Any]]:
+  """The checkpoint's manifest.json, or None for a checkpoint written before manifests."""
+  path = os.path.join(directory, MANIFEST_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint is damaged.") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    raise CheckpointError(f"{path} is not a sam_jax manifest: the checkpoint is damaged.")
+  return manifest
+
+
+def _file_sizes(params_dir: str) -> Dict[str, int]:
+  out = {}
+  for root, _, files in os.walk(params_dir):
+    for f in files:
+      full = os.path.join(root, f)
+      out[os.path.relpath(full, params_dir)] = os.path.getsize(full)
+  return out
+
+
+def check_files(directory: str, manifest: Dict[str, Any]) -> None:
+  """Raises CheckpointError naming the data files that are missing or truncated.
+
+  Checked before Orbax reads anything: it reports missing files late and noisily.
+  """
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  bad = []
+  for name, size in sorted(manifest.get("files", {}).items()):
+    full = os.path.join(params_dir, name)
+    if not os.path.isfile(full):
+      bad.append(f"  {PARAMS_DIR}/{name}: missing")
+    elif os.path.getsize(full) != size:
+      bad.append(f"  {PARAMS_DIR}/{name}: {os.path.getsize(full)} bytes, {size} when saved")
+  if bad:
+    raise CheckpointError(f"{directory} is incomplete: its data files do not match "
+                          f"manifest.json:\n" + "\n".join(bad) +
+                          "\nRestore the checkpoint from a good copy.")
+
+
+def verify_checksums(directory: str, params: Params, manifest: Dict[str, Any]) -> None:
+  """Raises CheckpointError naming every array whose bytes differ from the manifest's."""
+  want, got = manifest.get("arrays", {}), checksums(params)
+  bad = sorted(k for k in set(want) | set(got)
+               if want.get(k, {}).get("sha256") != got.get(k, {}).get("sha256"))
+  if bad:
+    raise CheckpointError(
+        f"The parameters in {directory} do not match the checksums of its manifest.json: the "
+        f"checkpoint is corrupt. {len(bad)} damaged array(s):\n" +
+        "\n".join(f"  {k}" for k in bad[:50]) +
+        "\nRestore it from a good copy (or pass verify=False to load it anyway).")
+
+
+# Which config.json field decides the shape of a parameter (first match wins).
+_FIELDS = [
+    (r"image_encoder/pos_embed", "image_size / image_encoder.patch_size"),
+    (r"image_encoder/blocks_(\d+)/attn/rel_pos", "image_encoder.window_size / "
+     "image_encoder.global_attn_indexes / image_size"),
+    (r"image_encoder/blocks_\d+/mlp", "image_encoder.mlp_ratio / embed_dim"),
+    (r"image_encoder/blocks_(\d+)/", "image_encoder.depth / embed_dim / num_heads"),
+    (r"image_encoder/patch_embed", "image_encoder.patch_size / embed_dim"),
+    (r"image_encoder/neck", "prompt_embed_dim / image_encoder.embed_dim"),
+    (r"image_encoder", "image_encoder.*"),
+    (r"prompt_encoder/mask_downscaling", "prompt_encoder.mask_in_chans / prompt_embed_dim"),
+    (r"prompt_encoder", "prompt_embed_dim"),
+    (r"mask_decoder/iou_prediction_head", "mask_decoder.iou_head_depth / iou_head_hidden_dim"),
+    (r"mask_decoder/transformer", "mask_decoder.transformer_* / attention_downsample_rate"),
+    (r"mask_decoder", "mask_decoder.* / prompt_embed_dim"),
+]
+
+
+def _field(name: str) -> str:
+  for pattern, field in _FIELDS:
+    if re.match(pattern, name):
+      return field
+  return "the model config"
+
+
+def check_config_fits(stored: Params, target: Params, path: str) -> None:
+  """Raises CheckpointError when config.json contradicts the stored parameter shapes.
+
+  Every difference names the config field that decides that shape: a config
+  that does not describe its weights never loads (it would change the outputs).
+  """
+  flat = {_array_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  want = {_array_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  lines = []
+  for name in sorted(set(want) | set(flat)):
+    if name not in flat:
+      lines.append(f"  {name}: in the model config.json describes, not in the weights "
+                   f"(check {_field(name)})")
+    elif name not in want:
+      lines.append(f"  {name}: in the weights, not in the model config.json describes "
+                   f"(check {_field(name)})")
+    elif tuple(flat[name].shape) != tuple(want[name].shape):
+      lines.append(f"  {name}: weights {tuple(flat[name].shape)}, config.json implies "
+                   f"{tuple(want[name].shape)} (check {_field(name)})")
+  if lines:
+    raise CheckpointError(f"{path}: config.json contradicts the weights; fix the field(s) "
+                          f"named below:\n" + "\n".join(lines))
+
+
+def load_sam(directory: str, image_size: Optional[Union[int, Tuple[int, int]]] = None,
+             verify: bool = True) -> Tuple[Sam, Params]:
   """Loads `(model, params)` from a directory written by `save_sam` or the converter.
 
-  `image_size` builds the model for another input size (e.g. 512 or (768, 1024))
-  and resizes the position embeddings of a checkpoint trained at another size.
+  config.json must describe the weights exactly; `image_size` (e.g. 512 or
+  (768, 1024)) builds the model for another input size and resizes the
+  position embeddings, the only parameters that may change shape. With
+  `verify` (the default), each array's sha256 is checked against manifest.json.
   """
   config = load_config(directory)
-  if image_size is not None:
-    config.image_size = image_size
-    image_size_hw(config)
-  model = build_sam(config)
-  target = abstract_params(model)
-  ckptr = ocp.StandardCheckpointer()
+  manifest = load_manifest(directory)
+  stored_target = abstract_params(build_sam(config))
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{directory} has no {PARAMS_DIR}/ folder: the weights are missing.")
+  if manifest is not None:
+    check_files(directory, manifest)
+  ckptr = ocp.StandardCheckpointer()
   try:
-    stored = ckptr.metadata(path).item_metadata.tree
-  except Exception as e:
-    raise CheckpointError(f"Cannot read the parameters in {path}: {e}") from e
-  check_params(stored, target, allow_resize=True)
+    metadata = ckptr.metadata(path).item_metadata
+    if metadata is None:
+      raise CheckpointError(f"{path} has no readable parameter metadata (files missing?).")
+    stored = metadata.tree
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged directory
+    raise CheckpointError(f"Cannot read the parameters in {path}: {type(e).__name__}: {e}") from e
+  check_config_fits(stored, stored_target, directory)
   restore_target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
-  params = ckptr.restore(path, restore_target)
-  params = resize_params(params, target)
+  try:
+    params = ckptr.restore(path, restore_target)
+  except Exception as e:  # noqa: BLE001 - missing or truncated data files
+    raise CheckpointError(
+        f"Cannot read the parameters in {path} (data files missing or damaged?): "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  if verify:
+    if manifest is None:
+      logging.warning("%s has no manifest.json (written before checksums): its bytes are "
+                      "not verified. Save it again to add them.", directory)
+    else:
+      verify_checksums(directory, params, manifest)
+  model = build_sam(config)
+  if image_size is not None:
+    image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size
+  if image_size is not None and image_size_hw(config) != image_size_hw(
+      ml_collections.ConfigDict(dict(image_size=image_size))):
+    config.image_size = image_size
+    try:
+      model = build_sam(config)
+    except ValueError as e:
+      raise CheckpointError(f"image_size {image_size}: {e}") from e
+    params = resize_params(params, abstract_params(model))
   return model, jax.tree_util.tree_map(jnp.asarray, params)

@@ -7,6 +7,7 @@ module `blocks_3` is PyTorch's `blocks.3`, `kernel`/`scale`/`embedding` are
 (kh, kw, out, in) to (in, out, kh, kw), the same permutation).
 """
 
+import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
@@ -14,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sam_jax import outputs
 from sam_jax.build import VARIANTS, model_config
 
 Params = Dict[str, Any]
@@ -99,12 +101,15 @@ def infer_config(state_dict: Dict[str, np.ndarray],
   tensor shapes, so that shrunk and ablated models convert too. With
   `variant` given, a checkpoint of another variant is an error.
   """
-  def shape(key):
+  def shape(key, ndim=None):
     if key not in state_dict:
       raise ConversionError(f"The checkpoint has no tensor {key!r}: it is not a SAM checkpoint.")
-    return tuple(np.shape(state_dict[key]))
+    s = tuple(np.shape(state_dict[key]))
+    if ndim is not None and len(s) != ndim:
+      raise ConversionError(f"{key} has shape {s}; a SAM checkpoint's has {ndim} dimensions.")
+    return s
 
-  embed_dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight")
+  embed_dim, _, patch, _ = shape("image_encoder.patch_embed.proj.weight", 4)
   by_width = {dims[0]: name for name, dims in VARIANTS.items()}
   if variant is None:
     variant = by_width.get(embed_dim, "vit_b")
@@ -116,19 +121,21 @@ def infer_config(state_dict: Dict[str, np.ndarray],
         f"checkpoint's is {embed_dim} ({by_width.get(embed_dim, 'no released variant')}).")
   config = model_config(variant)
   enc = config.image_encoder
+  shape("image_encoder.blocks.0.attn.qkv.weight", 2)
+  shape("mask_decoder.transformer.layers.0.self_attn.q_proj.weight", 2)
   depth = 1 + max(int(m.group(1)) for k in state_dict
                   if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k)))
   enc.embed_dim, enc.patch_size, enc.depth = embed_dim, patch, depth
-  enc.mlp_ratio = shape("image_encoder.blocks.0.mlp.lin1.weight")[0] / embed_dim
+  enc.mlp_ratio = shape("image_encoder.blocks.0.mlp.lin1.weight", 2)[0] / embed_dim
   enc.qkv_bias = "image_encoder.blocks.0.attn.qkv.bias" in state_dict
   enc.use_abs_pos = "image_encoder.pos_embed" in state_dict
   enc.use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state_dict
   if enc.use_abs_pos:
-    _, gh, gw, _ = shape("image_encoder.pos_embed")
+    _, gh, gw, _ = shape("image_encoder.pos_embed", 4)
     config.image_size = gh * patch if gh == gw else (gh * patch, gw * patch)
   if enc.use_rel_pos:
-    tables = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] for i in range(depth)]
-    enc.num_heads = embed_dim // shape("image_encoder.blocks.0.attn.rel_pos_h")[1]
+    tables = [shape(f"image_encoder.blocks.{i}.attn.rel_pos_h", 2)[0] for i in range(depth)]
+    enc.num_heads = embed_dim // shape("image_encoder.blocks.0.attn.rel_pos_h", 2)[1]
     # Global blocks' tables span the token grid; windowed blocks' span a window.
     # Without a position embedding to give the grid, the larger tables are global.
     global_len = 2 * gh - 1 if enc.use_abs_pos else max(tables)
@@ -138,18 +145,18 @@ def infer_config(state_dict: Dict[str, np.ndarray],
       raise ConversionError(f"Windowed blocks have tables of several sizes {sorted(windowed)}.")
     if windowed:
       enc.window_size = (windowed.pop() + 1) // 2
-  config.prompt_embed_dim = shape("image_encoder.neck.0.weight")[0]
-  config.prompt_encoder.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight")[0]
+  config.prompt_embed_dim = shape("image_encoder.neck.0.weight", 4)[0]
+  config.prompt_encoder.mask_in_chans = shape("prompt_encoder.mask_downscaling.3.weight", 4)[0]
   dec = config.mask_decoder
-  dec.num_multimask_outputs = shape("mask_decoder.mask_tokens.weight")[0] - 1
+  dec.num_multimask_outputs = shape("mask_decoder.mask_tokens.weight", 2)[0] - 1
   dec.transformer_depth = 1 + max(int(m.group(1)) for k in state_dict
                                   if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k)))
-  dec.transformer_mlp_dim = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0]
+  dec.transformer_mlp_dim = shape("mask_decoder.transformer.layers.0.mlp.lin1.weight", 2)[0]
   dec.attention_downsample_rate = config.prompt_embed_dim // shape(
-      "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
+      "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight", 2)[0]
   dec.iou_head_depth = len([k for k in state_dict if re.match(
       r"mask_decoder\.iou_prediction_head\.layers\.\d+\.weight$", k)])
-  dec.iou_head_hidden_dim = shape("mask_decoder.iou_prediction_head.layers.0.weight")[0]
+  dec.iou_head_hidden_dim = shape("mask_decoder.iou_prediction_head.layers.0.weight", 2)[0]
   return config
 
 
@@ -177,7 +184,6 @@ def describe_foreign(state_dict: Any) -> Optional[str]:
 
 def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
   """Loads a reference `.pth` state dict as NumPy arrays, with clear errors."""
-  import os
   try:
     import torch
   except ImportError as e:
@@ -194,22 +200,51 @@ def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
   why = describe_foreign(obj)
   if why:
     raise ConversionError(f"Cannot convert {path}: {why}.")
-  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+  bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+         if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+  if bad:
+    raise ConversionError(f"Cannot convert {path}: a state dict maps names to tensors, but "
+                          f"these entries are not tensors: {', '.join(bad[:10])}.")
+  # NumPy has no bfloat16: such tensors are widened (exactly) to float32.
+  return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+          for k, v in obj.items()}
 
 
-def write_torch_checkpoint(state_dict: Dict[str, np.ndarray], path: str) -> None:
-  """Saves a state dict as the official files are saved (torch.save of tensors)."""
-  import collections
-  import os
-  import tempfile
+def torch_dtypes(path: str) -> Dict[str, str]:
+  """{name: dtype} of a state dict's tensors that are not float32 (recorded at conversion)."""
   import torch
-  tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".pth.tmp")
-  os.close(fd)
+  obj = torch.load(path, map_location="meta", weights_only=True)
+  return {k: str(v.dtype).replace("torch.", "") for k, v in obj.items()
+          if v.dtype != torch.float32}
+
+
+def is_torch_checkpoint(path: str) -> Optional[str]:
+  """None if `path` is a file that torch.save wrote (a zip with a data.pkl), else why not."""
+  import zipfile
+  if os.path.islink(path) or not os.path.isfile(path):
+    return "it is not a file, so not a PyTorch checkpoint"
   try:
+    with zipfile.ZipFile(path) as z:
+      if any(n.endswith("data.pkl") for n in z.namelist()):
+        return None
+  except (zipfile.BadZipFile, OSError):
+    pass
+  return "it is not a PyTorch checkpoint file"
+
+
+def write_torch_checkpoint(state_dict: Dict[str, np.ndarray], path: str, overwrite: bool = False,
+                           dtypes: Optional[Dict[str, str]] = None) -> None:
+  """Saves a state dict as the official files are saved (torch.save of tensors).
+
+  `dtypes` restores the dtypes recorded at conversion (e.g. bfloat16). With
+  `overwrite`, only an existing PyTorch checkpoint file is replaced.
+  """
+  import collections
+  import torch
+  dtypes = dtypes or {}
+  tensors = collections.OrderedDict()
+  for k, v in state_dict.items():
+    t = torch.from_numpy(np.array(v))
+    tensors[k] = t.to(getattr(torch, dtypes[k])) if k in dtypes else t
+  with outputs.atomic_output(path, overwrite, is_torch_checkpoint, "PyTorch checkpoint") as tmp:
     torch.save(tensors, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -35,6 +35,9 @@ def _forms(what: str) -> List[str]:
 
 def parse_point(text: str) -> List[float]:
   values = _numbers(text, (2, 3), "--point")
+  if len(values) == 3 and values[2] not in (0.0, 1.0):
+    raise argparse.ArgumentTypeError(
+        f"--point's LABEL must be 1 (foreground) or 0 (background), got {text!r}.")
   return values if len(values) == 3 else values + [1.0]
 
 
@@ -55,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1.")
   parser.add_argument("--single-mask", action="store_true",
                       help="One mask instead of three (better for unambiguous prompts).")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="Replace the masks, overlay and predictions.json of an earlier run.")
   args = parser.parse_args(argv)
   if not args.point and args.box is None:
     parser.error("give at least one --point or a --box.")
@@ -70,8 +75,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
 
 
+def _is_ours(path: str) -> Optional[str]:
+  """None for a file this command writes (a PNG, or predictions.json holding JSON)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+    if head == b"\x89PNG\r\n\x1a\n" or (path.endswith(".json") and head.startswith(b"{")):
+      return None
+  except OSError:
+    pass
+  return "it is not a file this command writes"
+
+
+def _write_outputs(folder: str, files: Dict[str, bytes], overwrite: bool) -> None:
+  """Checks every output before writing any; each is written beside its target, then swapped in."""
+  from sam_jax.outputs import OutputError, atomic_output
+  for name in files:
+    path = os.path.join(folder, name)
+    if os.path.lexists(path):
+      if not overwrite:
+        raise OutputError(f"{path} exists already: choose another --output or pass --overwrite.")
+      why = _is_ours(path)
+      if why:
+        raise OutputError(f"Refusing to replace {path}: {why}.")
+  for name, content in files.items():
+    with atomic_output(os.path.join(folder, name), overwrite, _is_ours) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(content)
+
+
 def run(args: argparse.Namespace) -> int:
-  from sam_jax.amg import read_rgb, write_rgb
+  from sam_jax.amg import read_rgb
   from sam_jax.checkpoint import load_sam
   from sam_jax.predictor import SamPredictor
   from sam_jax.utils.visualize import draw_prompts, overlay_masks
@@ -86,16 +120,16 @@ def run(args: argparse.Namespace) -> int:
   labels = np.array([int(p[2]) for p in args.point]) if args.point else None
   box = np.array(args.box) if args.box is not None else None
   masks, iou, _ = predictor.predict(points, labels, box, multimask_output=not args.single_mask)
-  os.makedirs(args.output, exist_ok=True)
-  for i, mask in enumerate(masks):
-    cv2.imwrite(os.path.join(args.output, f"mask_{i}.png"), mask.astype(np.uint8) * 255)
   best = int(np.argmax(iou))
   overlay = draw_prompts(overlay_masks(image, [masks[best]]), points, labels, box)
-  write_rgb(os.path.join(args.output, "overlay.png"), overlay)
-  with open(os.path.join(args.output, "predictions.json"), "w") as f:
-    json.dump({"image": args.image, "points": args.point, "box": args.box,
-               "predicted_iou": iou.tolist(), "best": best,
-               "masks": [f"mask_{i}.png" for i in range(len(masks))]}, f, indent=2)
+  meta = json.dumps({"image": args.image, "points": args.point, "box": args.box,
+                     "predicted_iou": iou.tolist(), "best": best,
+                     "masks": [f"mask_{i}.png" for i in range(len(masks))]}, indent=2)
+  png = lambda a: cv2.imencode(".png", a)[1].tobytes()  # noqa: E731
+  files = {f"mask_{i}.png": png(m.astype(np.uint8) * 255) for i, m in enumerate(masks)}
+  files["overlay.png"] = png(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+  files["predictions.json"] = meta.encode()
+  _write_outputs(args.output, files, args.overwrite)
   print(f"wrote {len(masks)} masks to {args.output} (best: mask_{best}.png, "
         f"predicted IoU {iou[best]:.3f})")
   return 0

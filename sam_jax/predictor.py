@@ -353,6 +353,9 @@ class SamPredictor:
     if masks.shape[1:] != (1, *want):
       raise ValueError(f"mask_input{where} must have shape (1, {want[0]}, {want[1]}) per prompt "
                        f"(low-resolution logits of an earlier prediction), got {masks.shape[1:]}.")
+    if not np.issubdtype(masks.dtype, np.number) or not np.all(np.isfinite(masks)):
+      raise ValueError(f"mask_input{where} must be finite numbers (logits), but holds NaN or "
+                       "Inf.")
     return masks.astype(np.float32)
 
   def _stack_padded(self, prompts):

@@ -94,6 +94,7 @@ def test_amg_cli_coco_rle_and_overwrite(checkpoint, images, amg_output, tmp_path
 
 
 def test_amg_cli_errors(checkpoint, tmp_path, capsys):
+  (tmp_path / "photo.png").write_bytes(b"")
   assert amg_cli.main(["--checkpoint", checkpoint[0], "--input", str(tmp_path / "missing.png"),
                        "--output", str(tmp_path)]) == 1
   assert "does not exist" in capsys.readouterr().err

@@ -142,16 +142,53 @@ def test_corrupt_images_and_annotations_are_skipped_and_counted(tmp_path):
   (folder / "sa_000002.jpg").write_bytes(b"not a jpeg")  # not an image at all
   jpg = (folder / "sa_000003.jpg").read_bytes()
   (folder / "sa_000003.jpg").write_bytes(jpg[:len(jpg) // 2])  # truncated: fails on decoding
+  os.rename(folder / "sa_000005.jpg", tmp_path / "elsewhere.jpg")
+  os.symlink(tmp_path / "elsewhere.jpg", folder / "sa_000005.jpg")  # a link out of the folder
+  os.symlink("sa_000004.jpg", folder / "sa_000006.jpg")  # a link within it is fine
+  os.symlink("sa_000004.json", folder / "sa_000006.json")
   _as_segment_anything(folder, tmp_path / "tfds")
   for via in ("folder", "tfds"):
     examples = _open(tmp_path, via)
-    assert len(examples) == 4  # sa_000001 and sa_000002 were left out when prepared
-    assert sorted(examples.skipped_at_prepare) == ["sa_000001", "sa_000002"]
+    assert len(examples) == 4  # sa_000001, sa_000002 and sa_000005 were left out when prepared
+    assert sorted(examples.skipped_at_prepare) == ["sa_000001", "sa_000002", "sa_000005"]
     assert "JSONDecodeError" in examples.skipped_at_prepare["sa_000001"]
+    assert "outside the folder" in examples.skipped_at_prepare["sa_000005"]
     # One epoch: every example once, the truncated one empty (without a reading-ahead thread).
     batch = data.load_batch(examples, data.batch_indices(4, 4, 0, 0), 0, 0)
-    assert examples.num_skipped_at_read == 1 and examples.num_skipped == 3
+    assert len(examples.skipped_at_read) == 1 and examples.num_skipped == 4
     assert batch["valid"].any(axis=1).sum() == 3
+    assert batch["corrupt"].sum() == 1 and sorted(batch["index"]) == [0, 1, 2, 3]
+    data.load_batch(examples, data.batch_indices(4, 4, 0, 0), 0, 0)  # a second epoch
+    assert examples.num_skipped == 4  # distinct examples, not skip events
+
+
+def test_malformed_annotations_are_skipped_and_counted_never_decoded(tmp_path):
+  """An RLE whose runs do not cover the image made pycocotools read uninitialised memory."""
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "sa_1.jpg")
+  good = np.zeros((64, 64), np.uint8)
+  good[10:30, 5:40] = 1
+  ok = demo_data.annotation(good, 0)
+  anns = [ok,
+          dict(ok, id=1, segmentation=dict(size=[64, 64], counts=[5, 10, 3]), area=10),
+          dict(ok, id=2, segmentation=dict(size=[64, 64], counts="garbage!!")),
+          dict(ok, id=3, area=5),  # the area contradicts the mask
+          dict(ok, id=4, bbox=[0, 0, 64, 64])]  # so does the box
+  with open(folder / "sa_1.json", "w") as f:
+    json.dump(dict(image=dict(image_id=1, width=64, height=64, file_name="sa_1.jpg"),
+                   annotations=anns), f)
+  examples = _open(tmp_path, "folder", image_size=64, mask_size=64, max_masks=6)
+  first = examples.load(0, np.random.default_rng(0))
+  again = examples.load(0, np.random.default_rng(1))
+  assert first["valid"].sum() == again["valid"].sum() == 1
+  np.testing.assert_array_equal(first["masks"][first["valid"]][0], good)
+  assert sorted(i for _, i in examples.bad_annotations) == [1, 2, 3, 4]
+  reasons = " ".join(examples.bad_annotations.values())
+  for word in ("sum to 18", "alphabet", "area 5", "bbox"):
+    assert word in reasons, word
+  with pytest.raises(ValueError, match="size"):  # (a folder leaves such an example out)
+    data.check_annotation(ok["segmentation"]["counts"], [32, 128], ok["area"], None, 64, 64)
 
 
 def test_config_mistakes_are_clear_errors(tiny):

@@ -105,6 +105,72 @@ def folder_records(directory: str, data_dir: str):
   return source, sa1b_folder.skipped(builder)
 
 
+def rle_counts(counts: Union[str, bytes]) -> np.ndarray:
+  """The run lengths of a compressed COCO RLE string, as pycocotools' rleFrString reads them.
+
+  Raises ValueError on a string that pycocotools would misread (characters
+  outside its alphabet, a truncated number, a negative run).
+  """
+  b = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else bytes(counts),
+                    np.uint8).astype(np.int64) - 48
+  if b.size == 0:
+    return np.zeros((0,), np.int64)
+  if b.min() < 0 or b.max() > 63:
+    raise ValueError("counts hold characters outside COCO's compressed-RLE alphabet")
+  more = (b & 0x20) != 0
+  if more[-1]:
+    raise ValueError("counts end in the middle of a number")
+  group = np.concatenate([[0], np.cumsum(~more[:-1])])
+  starts = np.concatenate([[0], np.flatnonzero(~more)[:-1] + 1])
+  k = np.arange(b.size) - starts[group]
+  if k.max() > 6:
+    raise ValueError("counts hold a number too large for a run length")
+  x = np.zeros(len(starts), np.int64)
+  np.add.at(x, group, (b & 0x1F) << (5 * k))
+  ends = np.flatnonzero(~more)
+  negative = (b[ends] & 0x10) != 0
+  x[negative] -= np.left_shift(1, 5 * (k[ends][negative] + 1))
+  # Runs past the third are stored as differences to the run two before.
+  x[1::2], x[2::2] = np.cumsum(x[1::2]), np.cumsum(x[2::2])
+  if (x < 0).any():
+    raise ValueError("counts hold a negative run length")
+  return x
+
+
+def check_annotation(counts, size, area: float, bbox, h: int, w: int) -> Dict[str, Any]:
+  """The RLE of one annotation, validated before pycocotools decodes it; ValueError if bad.
+
+  pycocotools trusts its input: runs that do not sum to h*w make it read
+  uninitialised memory (a different mask each time) or write past its buffer.
+  The size must be the image's, and `area` and the normalised (ymin, xmin,
+  ymax, xmax) `bbox` must agree with the mask.
+  """
+  size = [int(s) for s in np.asarray(size).reshape(-1)]
+  if tuple(size) != (h, w):
+    raise ValueError(f"mask of size {tuple(size)} on an image of {(h, w)}")
+  if isinstance(counts, (list, tuple, np.ndarray)) and not isinstance(counts, bytes):
+    runs = np.asarray(counts, np.int64).reshape(-1)
+    if (runs < 0).any():
+      raise ValueError("negative run length")
+    rle = mask_utils.frPyObjects(dict(size=size, counts=[int(r) for r in runs]), h, w)
+  else:
+    runs = rle_counts(counts)
+    rle = dict(size=size, counts=counts)
+  if int(runs.sum()) != h * w:
+    raise ValueError(f"run lengths sum to {int(runs.sum())}, not {h}x{w}={h * w}")
+  true_area = int(runs[1::2].sum())
+  if abs(float(area) - true_area) > 1 + 0.01 * true_area:
+    raise ValueError(f"area {area} but the mask has {true_area} pixels")
+  if bbox is not None and true_area:
+    x, y, bw, bh = mask_utils.toBbox(rle)
+    want = np.array([y / h, x / w, (y + bh) / h, (x + bw) / w])
+    tol = np.array([1.5 / h, 1.5 / w, 1.5 / h, 1.5 / w])
+    if np.any(np.abs(np.asarray(bbox, np.float64).reshape(-1) - want) > tol):
+      raise ValueError(f"bbox {np.round(np.asarray(bbox).reshape(-1), 4).tolist()} does not "
+                       f"enclose the mask ({np.round(want, 4).tolist()})")
+  return rle
+
+
 class Sa1bExamples:
   """Random-access SA-1B records as padded, fixed-shape arrays.
 
@@ -117,8 +183,13 @@ class Sa1bExamples:
   SAM paper); up to `max_masks` of the rest are drawn at random with the
   given rng, and a mask that vanishes on the mask grid gives its slot to the next.
 
-  `num_skipped` counts the corrupt examples met so far, plus those left out
-  when a folder was prepared (`skipped_at_prepare`, {name: reason}).
+  Every annotation is validated before it is decoded (`check_annotation`); a
+  bad one is skipped and recorded in `bad_annotations` ({(index, i): reason}).
+  A corrupt example (unreadable image, ...) becomes `empty()` and is recorded
+  in `skipped_at_read` ({index: reason}): each distinct example once, however
+  often it is read. `num_skipped` adds those left out when a folder was
+  prepared (`skipped_at_prepare`, {name: reason}). Each loaded example carries
+  its `index` and `corrupt` flag, so that a consumer counts what it used.
   """
 
   def __init__(self, records, image_size: Size, mask_size: Size, max_masks: int,
@@ -135,7 +206,8 @@ class Sa1bExamples:
     self.pixel_mean = np.asarray(pixel_mean, np.float32)
     self.skipped_at_prepare = dict(skipped_at_prepare or {})
     self.description = description or repr(records)
-    self.num_skipped_at_read = 0
+    self.skipped_at_read: Dict[int, str] = {}
+    self.bad_annotations: Dict[Tuple[int, int], str] = {}
     self._lock = threading.Lock()
     if self.skipped_at_prepare:
       logging.warning("%d corrupt examples of %s were left out when it was prepared: %s",
@@ -145,7 +217,7 @@ class Sa1bExamples:
   @property
   def num_skipped(self) -> int:
     """Corrupt examples so far: met while reading, and left out at preparation."""
-    return self.num_skipped_at_read + len(self.skipped_at_prepare)
+    return len(self.skipped_at_read) + len(self.skipped_at_prepare)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -154,21 +226,39 @@ class Sa1bExamples:
     (h, w), (mh, mw) = self.image_hw, self.mask_hw
     return dict(image=np.broadcast_to(self.pixel_mean, (h, w, 3)).copy(),
                 masks=np.zeros((self.max_masks, mh, mw), np.uint8),
-                valid=np.zeros((self.max_masks,), bool))
+                valid=np.zeros((self.max_masks,), bool),
+                index=np.int64(-1), corrupt=np.bool_(False))
 
   def load(self, index: int, rng: np.random.Generator) -> Example:
-    """Example `index`; a corrupt one is logged, counted and returned empty (no valid masks)."""
+    """Example `index`; a corrupt one is logged, recorded and returned empty (no valid masks)."""
+    bad: list = []
     try:
-      return self.example(self.records[int(index)], rng)
+      out = self.example(self.records[int(index)], rng, bad)
     except Exception as e:  # noqa: BLE001 - one bad file must never end a long run
+      reason = f"{type(e).__name__}: {e}"
       with self._lock:
-        self.num_skipped_at_read += 1
-      logging.warning("Skipping corrupt example %d of %s: %s: %s", index, self.description,
-                      type(e).__name__, e)
-      return self.empty()
+        new = int(index) not in self.skipped_at_read
+        self.skipped_at_read[int(index)] = reason
+      if new:
+        logging.warning("Skipping corrupt example %d of %s: %s", index, self.description, reason)
+      out = self.empty()
+      out["corrupt"] = np.bool_(True)
+    for i, reason in bad:
+      with self._lock:
+        new = (int(index), i) not in self.bad_annotations
+        self.bad_annotations[(int(index), i)] = reason
+      if new:
+        logging.warning("Skipping annotation %d of example %d of %s: %s", i, index,
+                        self.description, reason)
+    out["index"] = np.int64(index)
+    return out
 
-  def example(self, record: Dict[str, Any], rng: np.random.Generator) -> Example:
-    """The arrays of one record in `segment_anything`'s features (image bytes undecoded)."""
+  def example(self, record: Dict[str, Any], rng: np.random.Generator,
+              bad: Optional[list] = None) -> Example:
+    """The arrays of one record in `segment_anything`'s features (image bytes undecoded).
+
+    Annotations that fail validation are skipped and appended to `bad` as (i, reason).
+    """
     with Image.open(io.BytesIO(record["image"]["content"])) as im:
       im = im.convert("RGB")
       w0, h0 = im.size
@@ -180,6 +270,7 @@ class Sa1bExamples:
     anns = record["annotations"]
     counts, sizes = anns["segmentation"]["counts"], anns["segmentation"]["size"]
     areas = np.asarray(anns["area"], np.float64).reshape(-1)
+    boxes = anns.get("bbox") if hasattr(anns, "get") else None
     keep = np.flatnonzero(areas <= self.max_mask_fraction * h0 * w0)
     hm = max(int(h1 * self.mask_scale + 0.5), 1)
     wm = max(int(w1 * self.mask_scale + 0.5), 1)
@@ -187,11 +278,14 @@ class Sa1bExamples:
     for i in keep[rng.permutation(len(keep))]:
       if slot == self.max_masks:
         break
-      size = [int(s) for s in np.asarray(sizes[i]).reshape(-1)]
-      if tuple(size) != (h0, w0):
-        raise ValueError(f"mask of {tuple(size)} on an image of {(h0, w0)}")
-      rle = dict(size=size, counts=counts[i])
-      if mask_utils.area(rle) > self.max_mask_fraction * h0 * w0:  # `area` may be stale
+      try:
+        rle = check_annotation(counts[i], sizes[i], areas[i],
+                               None if boxes is None else boxes[i], h0, w0)
+      except (ValueError, TypeError, OverflowError) as e:
+        if bad is not None:
+          bad.append((int(i), str(e)))
+        continue
+      if mask_utils.area(rle) > self.max_mask_fraction * h0 * w0:  # `area` may be rounded
         continue
       # Area interpolation then a 0.5 threshold: a cell is in the mask when mostly covered
       # (on 0/255 bytes, where OpenCV's area resize is several times faster than on floats).

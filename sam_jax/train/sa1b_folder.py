@@ -17,8 +17,8 @@ COCO polygons, and are stored as compressed RLE. Missing `area` and `bbox`
 are computed from the mask; a missing `crop_box` is the whole image; missing
 `point_coords`, `predicted_iou` and `stability_score` (which training does not
 use) are NaN. An example whose JSON cannot be parsed, whose image cannot be
-identified, or whose masks do not match the image's size is left out, logged,
-and named in the dataset's metadata (`skipped`), so it is counted and a long
+identified, whose masks do not match the image's size, or whose files are
+links to outside the folder is left out, logged, and named in the dataset's metadata (`skipped`), so it is counted and a long
 preparation never stops on one bad file.
 """
 
@@ -89,6 +89,12 @@ def _compressed_rle(seg, h: int, w: int) -> dict:
 
 def folder_example(directory: str, name: str, image_file: str, index: int) -> Dict:
   """One example in `segment_anything`'s features; raises on a corrupt file."""
+  root = os.path.realpath(directory)
+  for f in (name + ".json", image_file):
+    target = os.path.realpath(os.path.join(directory, f))
+    if os.path.commonpath([root, target]) != root:
+      raise ValueError(f"{f} is a link to {target}, outside the folder; copy the file in "
+                       "instead (links are followed only within the folder)")
   with open(os.path.join(directory, name + ".json")) as f:
     record = json.load(f)
   content = epath.Path(directory, image_file).read_bytes()

@@ -33,7 +33,15 @@ State = Dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; the run stops, keeping the last good checkpoint."""
+  """The loss became NaN or Inf, or diverged; the run stops, keeping the last good checkpoint."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A training checkpoint could not be written; the run stops at the first failed save."""
+
+
+class DataError(ValueError):
+  """The training data is too corrupt to train on (see WORKDIR/skipped_examples.json)."""
 
 
 def model_config(config) -> ml_collections.ConfigDict:
@@ -138,7 +146,23 @@ class Trainer:
       return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+def _check_writable(directory: str) -> None:
+  """Fails before the first step, naming the folder and the cause, if checkpoints cannot be written."""
+  probe = os.path.join(directory, f".sam_jax-write-probe-{jax.process_index()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("probe")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointSaveError(f"Cannot write checkpoints to {directory}: "
+                              f"{e.strerror or e}. Make it writable or choose another "
+                              "workdir.") from e
+
+
+def checkpoint_manager(workdir: str, config, check_writable: bool = False) -> ocp.CheckpointManager:
+  if check_writable:
+    _check_writable(os.path.join(os.path.abspath(workdir), "checkpoints"))
   pp = ocp.checkpoint_managers.preservation_policy
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every,
@@ -149,8 +173,22 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(mgr, step: int, state: State, meta: dict) -> None:
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         meta=ocp.args.JsonSave(meta)), force=True)
+  """Starts the (asynchronous) save of `step`; a failure of this or the previous save raises."""
+  try:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # noqa: BLE001 - Orbax raises any type; the run must stop now
+    raise CheckpointSaveError(f"Saving the checkpoint of step {step} to {mgr.directory} "
+                              f"failed: {type(e).__name__}: {e}") from e
+
+
+def check_saves(mgr) -> None:
+  """Raises CheckpointSaveError as soon as a finished asynchronous save has failed."""
+  try:
+    mgr.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointSaveError(f"Saving a checkpoint to {mgr.directory} failed: "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def restore_checkpoint(mgr, trainer: Trainer, step: int):
@@ -207,7 +245,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   if config.get("cache_embeddings"):
     embedding_cache.check_config(config, trainer.mcfg)  # before any work: refuses freeze='full'
   train_src, eval_examples = open_data(config, workdir, trainer)
-  mgr = checkpoint_manager(workdir, config)
+  mgr = checkpoint_manager(workdir, config, check_writable=True)
   summary = _read_summary(workdir)
   state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr)
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
@@ -263,14 +301,41 @@ def _write_summary(workdir: str, summary: Dict[str, Any]) -> None:
 
 
 def restore_or_init_state(config, trainer: Trainer, mgr):
-  """(state, step, data position, resumed): the workdir's latest checkpoint, else step 0."""
-  start = mgr.latest_step()
-  if start is not None:
-    state, meta = restore_checkpoint(mgr, trainer, start)
+  """(state, step, data position, resumed): the workdir's latest readable checkpoint, else step 0.
+
+  An unreadable checkpoint (a crash mid-write, a damaged disk) is reported and
+  the one before it is used; when none can be read, the run stops.
+  """
+  steps = sorted(mgr.all_steps(), reverse=True)
+  failures = []
+  for start in steps:
+    try:
+      state, meta = restore_checkpoint(mgr, trainer, start)
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+      failures.append(f"step {start}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      print(f"The checkpoint of step {start} in {mgr.directory} is unreadable "
+            f"({failures[-1]}); trying the one before it.", flush=True)
+      _set_aside(mgr, start)
+      continue
     logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
-    print(f"Resuming from the checkpoint of step {start}.", flush=True)
+    print(f"Resuming from the checkpoint of step {start}" +
+          (f" (the later {len(failures)} could not be read)." if failures else "."), flush=True)
     return state, start, meta["data_step"], True
+  if failures:
+    raise CheckpointSaveError(
+        f"None of the checkpoints in {mgr.directory} can be read:\n  " + "\n  ".join(failures) +
+        "\nMove the folder away to start from scratch.")
   return trainer.init_state(initial_params(config, trainer.model)), 0, 0, False
+
+
+def _set_aside(mgr, step: int) -> None:
+  """Renames an unreadable checkpoint (kept for inspection) so that its step can be saved again."""
+  if jax.process_index() == 0:
+    path = os.path.join(str(mgr.directory), str(step))
+    if os.path.isdir(path):
+      os.rename(path, f"{path}.unreadable-{int(time.time())}")
+  shard_lib.sync_processes(f"sam_jax set aside checkpoint {step}")
+  mgr.reload()
 
 
 def evaluate_before_training(trainer: Trainer, state: State, eval_examples, config,
@@ -299,9 +364,13 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
 
   Returns the last state, the last step and the host losses by step.
   """
+  health = DataHealth(train_src, config.data, workdir)
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
                                    jax.process_index(), jax.process_count())
   log = MetricsLog(workdir, config)
+  log.drop_after(start)  # rows a previous run logged past its last checkpoint
+  limits = _Divergence(config.get("diverge_factor", 100.0),
+                       float(jax.device_get(optax.global_norm(state["params"]))))
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
   step = start
@@ -310,31 +379,120 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
   step_flops = None
   try:
     for step in range(start + 1, total + 1):
-      inputs = _step_inputs(next(batches))
+      batch = next(batches)
+      health.update(batch, step)
+      inputs = _step_inputs(batch)
       if step_flops is None:
         step_flops = _count_step_flops(trainer, inputs, peak)
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
+      check_saves(mgr)
       should_save = step % config.checkpoint_every == 0 or step == total
       if step % config.log_every == 0 or should_save:
-        host = _check_finite(pending, mgr)
+        host = _check_finite(pending, mgr, limits)
         pending = []
         for s, m in host:
           losses[s] = m["loss"]
         dt = time.time() - t0
         log.write(dict(step=step, **host[-1][1], images_per_s=images_seen / max(dt, 1e-9),
-                       skipped_examples=train_src.num_skipped,
+                       skipped_examples=health.num_skipped,
+                       bad_annotations=len(train_src.bad_annotations),
                        **flops.utilization(step_flops * images_seen / config.batch_size, dt,
                                            peak, jax.device_count())))
         t0, images_seen = time.time(), 0
+        health.write()
       if should_save:
         save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
+  except BaseException:
+    try:  # the run is already failing: report its error, not a second one from Orbax
+      mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      logging.error("A checkpoint save failed while the run stopped: %s", e)
+    raise
+  else:
+    try:
+      mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"Saving the last checkpoint to {mgr.directory} failed: "
+                                f"{type(e).__name__}: {e}") from e
   finally:
     batches.close()  # stops the prefetching thread
-    mgr.wait_until_finished()
     log.close()
+    health.write()
   return state, step, losses
+
+
+class DataHealth:
+  """What the run consumed: distinct corrupt examples and steps without any valid mask.
+
+  Counted from the batches the steps use (not those read ahead), each corrupt
+  example once. Stops the run with DataError when more than
+  `config.data.max_empty_batches` steps had no valid mask, or when corrupt
+  examples (with those left out at preparation) pass
+  `config.data.max_skipped_fraction` of those seen. Lists them in
+  WORKDIR/skipped_examples.json (one file per process when several).
+  """
+
+  def __init__(self, source, dcfg, workdir: str):
+    self.source = source
+    self.seen = np.zeros(len(source), bool)
+    self.corrupt = np.zeros(len(source), bool)
+    self.empty_steps, self.num_skipped = 0, len(source.skipped_at_prepare)
+    self.max_empty = dcfg.get("max_empty_batches", 10)
+    self.max_fraction = dcfg.get("max_skipped_fraction", 0.1)
+    name = ("skipped_examples.json" if jax.process_count() == 1
+            else f"skipped_examples.{jax.process_index()}.json")
+    self.path = os.path.join(workdir, name)
+    prepared = len(source.skipped_at_prepare)
+    if prepared and prepared / (prepared + len(source)) > self.max_fraction:
+      self.write()
+      raise DataError(
+          f"{prepared} of the {prepared + len(source)} examples of {source.description} were "
+          f"left out as corrupt when it was prepared, more than config.data."
+          f"max_skipped_fraction={self.max_fraction}; see {self.path}.")
+
+  def update(self, batch, step: int) -> None:
+    if "index" in batch:  # batches built by data.load_batch say which examples they hold
+      index = np.asarray(batch["index"])
+      self.seen[index] = True
+      self.corrupt[index[np.asarray(batch["corrupt"], bool)]] = True
+    counts = np.array([np.asarray(batch["valid"]).sum(), self.seen.sum(), self.corrupt.sum()],
+                      np.int64)
+    if jax.process_count() > 1:  # every process decides on the same global numbers
+      counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+    valid, seen, corrupt = (int(c) for c in counts)
+    prepared = len(self.source.skipped_at_prepare)
+    self.num_skipped = corrupt + prepared
+    if valid == 0:
+      self.empty_steps += 1
+      if self.empty_steps > self.max_empty:
+        self.write()
+        raise DataError(
+            f"The batch of step {step} has no valid mask: {self.empty_steps} steps so far "
+            f"without one, more than config.data.max_empty_batches={self.max_empty}. "
+            f"{corrupt} corrupt examples and {len(self.source.bad_annotations)} invalid "
+            f"annotations so far; see {self.path}.")
+    if seen >= min(len(self.source), 100) and \
+        (corrupt + prepared) / (seen + prepared) > self.max_fraction:
+      self.write()
+      raise DataError(
+          f"{corrupt + prepared} of the {seen + prepared} examples seen by step {step} are "
+          f"corrupt, more than config.data.max_skipped_fraction={self.max_fraction}; "
+          f"see {self.path}.")
+
+  def write(self) -> None:
+    src = self.source
+    if not (src.skipped_at_prepare or self.corrupt.any() or src.bad_annotations):
+      return
+    listing = dict(
+        at_preparation=src.skipped_at_prepare,
+        at_read={str(i): src.skipped_at_read.get(int(i), "") for i in np.flatnonzero(self.corrupt)},
+        bad_annotations={f"{i}/{j}": r for (i, j), r in sorted(src.bad_annotations.items())})
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(listing, f, indent=1)
+    os.replace(tmp, self.path)
 
 
 def _step_inputs(batch) -> Dict[str, Any]:
@@ -357,6 +515,18 @@ class MetricsLog:
     if config.get("tensorboard") and jax.process_index() == 0:
       from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
       self.writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
+
+  def drop_after(self, step: int) -> None:
+    """Drops rows past `step`: a resumed run logs those steps again."""
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(self.path + ".tmp", self.path)
 
   def write(self, record: Dict[str, Any]) -> None:
     if jax.process_index() == 0:
@@ -419,20 +589,43 @@ def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
   return count
 
 
-def _check_finite(pending, mgr):
-  """Host copies of pending metrics; stops the run at the first non-finite loss."""
+class _Divergence:
+  """What counts as exploding: a parameter norm or a loss `factor` times its usual size."""
+
+  def __init__(self, factor: float, start_norm: float):
+    self.factor, self.start_norm, self.losses = factor, start_norm, []
+
+  def problem(self, s: int, m) -> Optional[str]:
+    if m["param_norm"] > self.factor * self.start_norm:
+      return (f"The param_norm grew to {m['param_norm']:.3g} at step {s}, over {self.factor:g} "
+              f"times its {self.start_norm:.3g} at the start of this run")
+    if len(self.losses) >= 3 and m["loss"] > self.factor * float(np.median(self.losses)):
+      return (f"The loss jumped to {m['loss']:.3g} at step {s}, over {self.factor:g} times its "
+              f"median {float(np.median(self.losses)):.3g} so far")
+    self.losses.append(m["loss"])
+    return None
+
+
+def _check_finite(pending, mgr, limits: Optional[_Divergence] = None):
+  """Host copies of pending metrics; stops the run at the first non-finite or exploding step.
+
+  Runs before each save, so a checkpoint is only written for a step whose
+  loss and parameters are finite and not exploding: the last checkpoint is good.
+  """
   host = [(s, _to_host(m)) for s, m in pending]
   for s, m in host:
     # A finite loss with non-finite new parameters would poison the next save too.
     bad = [k for k in ("loss", "param_norm") if not np.isfinite(m[k])]
-    if bad:
+    why = (f"The {' and '.join(bad)} became {m[bad[0]]} at step {s}" if bad else
+           limits.problem(s, m) if limits is not None else None)
+    if why:
       mgr.wait_until_finished()
       last = mgr.latest_step()
       raise NonFiniteLossError(
-          f"The {' and '.join(bad)} became {m[bad[0]]} at step {s}; stopping, nothing saved "
-          f"from this step on. The last good checkpoint is "
-          f"step {last}" + (" (none was saved)." if last is None else
-                            ". Lower the learning rate or inspect the data, then rerun to resume."))
+          f"{why}; stopping, nothing saved from this step on. The last good checkpoint is "
+          f"step {last}" +
+          (" (none was saved): rerun to start again." if last is None else
+           ". Lower the learning rate or inspect the data, then rerun to resume from it."))
   return host
 
 
