@@ -9,14 +9,14 @@ encodes the kept masks as RLEs with pycocotools.
 """
 
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.modeling.sam import MASK_THRESHOLD, Sam
-from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket, upscale
+from sam_jax.predictor import TRACE_COUNTS, SamPredictor, bucket, cache_image, upscale
 from sam_jax.transforms import check_image
 from sam_jax.utils import mask_ops
 
@@ -89,6 +89,11 @@ class SamAutomaticMaskGenerator:
     point_grids: explicit grids in [0, 1]^2, one per crop layer.
     min_mask_region_area: remove holes and islands smaller than this (OpenCV).
     output_mode: 'binary_mask', 'uncompressed_rle' or 'coco_rle'.
+  Two more, not the reference's, for encoding many images at once
+  (`generate_batch`):
+    crops_per_encode: crops (whole images included) embedded per encoder call.
+    mesh: a device mesh; each encoder call splits its crops over all of its
+      devices (data-parallel), so crops_per_encode is best a multiple of its size.
   """
 
   def __init__(
@@ -108,6 +113,8 @@ class SamAutomaticMaskGenerator:
       point_grids: Optional[List[np.ndarray]] = None,
       min_mask_region_area: int = 0,
       output_mode: str = "binary_mask",
+      crops_per_encode: int = 1,
+      mesh: Optional[jax.sharding.Mesh] = None,
   ) -> None:
     if (points_per_side is None) == (point_grids is None):
       raise ValueError("Give exactly one of points_per_side and point_grids.")
@@ -123,7 +130,10 @@ class SamAutomaticMaskGenerator:
       raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}.")
     if points_per_batch < 1:
       raise ValueError(f"points_per_batch must be positive, got {points_per_batch}.")
-    self.predictor = SamPredictor(model, params)
+    if crops_per_encode < 1:
+      raise ValueError(f"crops_per_encode must be positive, got {crops_per_encode}.")
+    self.predictor = SamPredictor(model, params, mesh=mesh)
+    self.crops_per_encode = crops_per_encode
     self.points_per_batch = points_per_batch
     self.pred_iou_thresh = pred_iou_thresh
     self.stability_score_thresh = stability_score_thresh
@@ -149,8 +159,41 @@ class SamAutomaticMaskGenerator:
     output_mode), `area`, `bbox` (XYWH), `predicted_iou`, `point_coords`,
     `stability_score` and `crop_box` (XYWH), as the reference's.
     """
-    check_image(image)
-    data = self._generate_masks(image)
+    return next(self.generate_batch([image]))
+
+  def generate_batch(self, images: Sequence[np.ndarray]) -> Iterator[List[Dict[str, Any]]]:
+    """`generate`'s records for each image in turn.
+
+    The crops of all the images are embedded first, `crops_per_encode` per
+    encoder call (over the mesh); the prompts are then decoded image by image,
+    and each image's records are yielded as soon as they are ready.
+    """
+    crops = []  # (image index, crop box, layer), every image's crops in the reference's order
+    for i, image in enumerate(images):
+      check_image(image, f"image {i}" if len(images) > 1 else "image")
+      boxes, layers = mask_ops.generate_crop_boxes(image.shape[:2], self.crop_n_layers,
+                                              self.crop_overlap_ratio)
+      crops += [(i, box, layer) for box, layer in zip(boxes, layers)]
+    embedded = []  # (embedding (1, h, w, C), input size) per crop
+    for start in range(0, len(crops), self.crops_per_encode):
+      chunk = crops[start:start + self.crops_per_encode]
+      self.predictor.set_image_batch([_crop(images[i], box) for i, box, _ in chunk])
+      features = self.predictor.features
+      embedded += [(features[j:j + 1], size) for j, size in enumerate(self.predictor.input_sizes)]
+    self.predictor.reset_image()
+    for i, image in enumerate(images):
+      mine = [(c, e) for c, e in zip(crops, embedded) if c[0] == i]
+      yield self._image_records(image, [(box, layer, *e) for (_, box, layer), e in mine])
+
+  def _image_records(self, image: np.ndarray, crops) -> List[Dict[str, Any]]:
+    orig_size = image.shape[:2]
+    data = _concat([self._process_crop(image, box, layer, orig_size, features, input_size)
+                    for box, layer, features, input_size in crops])
+    if len(crops) > 1:
+      # Prefer masks from smaller crops, whose masks are finer.
+      boxes = data["crop_boxes"]
+      areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32)
+      data = _select(data, mask_ops.nms(data["boxes"], 1.0 / areas, self.crop_nms_thresh))
     if self.min_mask_region_area > 0:
       data = self.postprocess_small_regions(
           data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
@@ -174,30 +217,15 @@ class SamAutomaticMaskGenerator:
         "crop_box": mask_ops.box_xyxy_to_xywh(data["crop_boxes"][i]),
     }
 
-  def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
-    orig_size = image.shape[:2]
-    crop_boxes, layer_idxs = mask_ops.generate_crop_boxes(
-        orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-    crops = [self._process_crop(image, box, layer, orig_size)
-             for box, layer in zip(crop_boxes, layer_idxs)]
-    data = _concat(crops)
-    if len(crop_boxes) > 1:
-      # Prefer masks from smaller crops, whose masks are finer.
-      boxes = data["crop_boxes"]
-      areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).astype(np.float32)
-      data = _select(data, mask_ops.nms(data["boxes"], 1.0 / areas, self.crop_nms_thresh))
-    return data
-
-  def _process_crop(self, image, crop_box, layer_idx, orig_size) -> Dict[str, Any]:
+  def _process_crop(self, image, crop_box, layer_idx, orig_size, features,
+                    input_size) -> Dict[str, Any]:
     x0, y0, x1, y1 = crop_box
-    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-    crop_size = crop.shape[:2]
-    self.predictor.set_image(crop)
+    crop_size = (y1 - y0, x1 - x0)
+    cache = cache_image(self.model, self.predictor.prompt_params, features)
     points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
     batches = [self._process_batch(points[i:i + self.points_per_batch], crop_size, crop_box,
-                                   orig_size)
+                                   orig_size, features, cache, input_size)
                for i in range(0, len(points), self.points_per_batch)]
-    self.predictor.reset_image()
     data = _concat(batches)
     data = _select(data, mask_ops.nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
     offset = np.array([x0, y0])
@@ -206,18 +234,19 @@ class SamAutomaticMaskGenerator:
     data["crop_boxes"] = np.tile(np.array(crop_box), (len(data["rles"]), 1))
     return data
 
-  def _process_batch(self, points, crop_size, crop_box, orig_size) -> Dict[str, Any]:
+  def _process_batch(self, points, crop_size, crop_box, orig_size, features, cache,
+                     input_size) -> Dict[str, Any]:
     n, batch = len(points), self.points_per_batch
     resized = self.predictor.transform.apply_coords(points, crop_size)
     padded = np.zeros((batch, 2), np.float32)
     padded[:n] = resized
-    low_res, iou = decode_points(self.model, self.predictor.prompt_params, self.predictor.cache,
-                                 self.predictor.features, jnp.asarray(padded))
+    low_res, iou = decode_points(self.model, self.predictor.prompt_params, cache, features,
+                                 jnp.asarray(padded))
     thresholds = jnp.array([self.pred_iou_thresh, self.stability_score_thresh,
                             self.stability_score_offset], jnp.float32)
     orig_box = jnp.array([0, 0, orig_size[1], orig_size[0]], jnp.float32)
     valid = jnp.asarray(np.arange(batch) < n)
-    input_size, crop_size = self.predictor.input_size, tuple(crop_size)
+    crop_size = tuple(crop_size)
     boxes, iou, stability, keep = filter_masks(
         self.model, low_res, iou, valid, jnp.asarray(crop_box, jnp.float32), orig_box, thresholds,
         input_size=input_size, crop_size=crop_size)
@@ -264,6 +293,11 @@ class SamAutomaticMaskGenerator:
         data["rles"][i] = mask_ops.mask_to_rle(masks[i])
         data["boxes"][i] = boxes[i]
     return _select(data, keep)
+
+
+def _crop(image: np.ndarray, crop_box) -> np.ndarray:
+  x0, y0, x1, y1 = crop_box
+  return np.ascontiguousarray(image[y0:y1, x0:x1])
 
 
 def _uncrop_mask(mask: np.ndarray, crop_box, orig_size: Tuple[int, int]) -> np.ndarray:

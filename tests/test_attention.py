@@ -93,7 +93,7 @@ def test_resolve_attention_auto_rules_per_backend():
   # A GPU in half precision: cuDNN's flash attention; in float32, XLA's.
   assert r("auto", jnp.bfloat16, (64, 64), 64, backend="gpu") == "cudnn"
   assert r("auto", jnp.float32, (64, 64), 64, backend="gpu") == "xla"
-  assert r("auto", jnp.bfloat16, (64, 64), 64, backend="tpu") == "xla"
+  assert r("auto", jnp.bfloat16, (64, 64), 64, backend="tpu") == "splash"  # tests/test_tpu_attention.py
   # A CPU: windows fold the bias (14 + 14 <= 64 columns); a 64x64 grid is chunked.
   assert r("auto", jnp.float32, (14, 14), 64, backend="cpu") == "xla_folded"
   assert r("auto", jnp.float32, (64, 64), 64, backend="cpu") == "xla_chunked"
@@ -107,22 +107,11 @@ def test_resolve_attention_auto_rules_per_backend():
     r("flash", jnp.bfloat16)
 
 
-<<<<<<< HEAD
-@pytest.mark.slow
-def test_attention_module_cudnn_layout_equals_xla(monkeypatch):
-  """The module's cuDNN branch (heads-last q, k, v straight from qkv) gives the
-  XLA branch's output; the kernel is swapped for XLA's so that this runs on CPU."""
-  import functools
-  x = jnp.asarray(np.random.RandomState(1).randn(2, 6, 5, 24).astype(np.float32))
-  xla = ie.Attention(4, True, (6, 5), implementation="xla")
-  params = xla.init(jax.random.key(0), x)
-=======
 def _module_io(grid, use_rel_pos=True, dim=24, heads=4):
   x = jnp.asarray(np.random.RandomState(1).randn(2, *grid, dim).astype(np.float32))
   params = ie.Attention(heads, use_rel_pos, grid, implementation="xla").init(
       jax.random.key(0), x)
   # Random relative-position tables too (they start at zero).
->>>>>>> ablations
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
                         params)
   return x, params
@@ -143,7 +132,8 @@ def test_every_registered_attention_gives_the_same_outputs(grid, use_rel_pos, qu
 
   want, want_grads = run("dense")
   scale = float(jnp.abs(want).max())
-  for name in [n for n in ie.ATTENTION_FNS if n != "cudnn"] + ["auto"]:
+  # Splash needs a multiple of 128 tokens: tests/test_tpu_attention.py checks it.
+  for name in [n for n in ie.ATTENTION_FNS if n not in ("cudnn", "splash")] + ["auto"]:
     got, grads = run(name)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=name)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):

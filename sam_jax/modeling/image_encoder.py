@@ -4,11 +4,14 @@ Channels are last throughout: images are (B, H, W, 3), tokens (B, h, w, C) and
 the output embedding (B, h, w, out_chans).
 """
 
+import contextlib
+import contextvars
 import functools
 from typing import Optional, Sequence, Tuple
 
 import einops
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,6 +193,67 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[ja
   return out[..., :d]
 
 
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                     rel_w: Optional[jax.Array], k_size: Tuple[int, int],
+                     interpret: Optional[bool] = None) -> jax.Array:
+  """`_attend` through Pallas' splash (flash) attention on TPU; q, k, v (B, N, heads, d), q scaled.
+
+  As `cudnn_attention`, the bias is folded into q and k (no (heads, N, N)
+  scores are stored) and the widened head zero-padded, here to the TPU's 128
+  lanes. N must be a multiple of 128 (a 64x64 grid is). Inside a mesh, the
+  kernel (an opaque custom call to the SPMD partitioner) runs per shard under
+  `shard_map`: batch over (data, fsdp), heads over tensor. `interpret` runs
+  the kernel's Python semantics on any backend (the CPU parity test); by
+  default, wherever the target is not a TPU.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, n, heads, d = q.shape
+  interpret = target_platform() != "tpu" if interpret is None else interpret
+  if n % 128:
+    raise ValueError(f"splash attention needs a multiple of 128 tokens, got {n}; use 'xla'.")
+  if rel_h is not None:
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
+  width = -(-q.shape[-1] // 128) * 128
+  # (B, N, heads, d') -> (B, heads, N, width), the kernel's layout.
+  prep = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)).transpose(  # noqa: E731
+      0, 2, 1, 3)
+  q, k, v = prep(q), prep(k), prep(v)
+
+  def attend(q, k, v):
+    mask = masks.MultiHeadMask([masks.FullMask((n, n))] * q.shape[1])
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(kernel)(q, k, v)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and set(mesh.axis_names) >= {"data", "fsdp", "tensor"}:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec = jax.P(("data", "fsdp") if b % ways == 0 else None,
+                 "tensor" if heads % mesh.shape["tensor"] == 0 else None)
+    attend = jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  return attend(q, k, v).transpose(0, 2, 1, 3)[..., :d]
+
+
+# The platform the model is traced for when it differs from the host's, as when
+# compiling for abstract TPU devices on a CPU machine (sam_jax.train.compile_report).
+_TARGET_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within: the attention choices are those of `platform` ("tpu", "gpu", "cpu")."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform being compiled for: `compiling_for`'s, else JAX's default backend."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
                   rel_w: Optional[jax.Array], k_size: Tuple[int, int], fold: bool = False,
                   query_chunk: int = 0) -> jax.Array:
@@ -201,6 +265,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.
   if fold and rel_h is not None:
     q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
     rel_h = rel_w = None
+  if not query_chunk:
+    # (B, heads, N, d): heads stay their own axis, so a tensor-parallel split of
+    # them needs no resharding (merged with the batch, they would).
+    swap = lambda t: None if t is None else jnp.swapaxes(t, 1, 2)  # noqa: E731
+    return swap(_attend(*map(swap, (q, k, v, rel_h, rel_w)), k_size))
   def heads_first(t):
     return None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")
   out = chunked_attention(*map(heads_first, (q, k, v, rel_h, rel_w)), k_size, query_chunk)
@@ -231,6 +300,7 @@ ATTENTION_FNS = {
     "xla_folded": functools.partial(xla_attention, fold=True),
     "xla_folded_chunked": functools.partial(xla_attention, fold=True, query_chunk=QUERY_CHUNK),
     "cudnn": cudnn_attention,  # flash attention; GPU, half precision
+    "splash": splash_attention,  # Pallas flash attention; TPU, N a multiple of 128
     "dense": dense_attention,
 }
 
@@ -245,7 +315,9 @@ def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None
     window's kh + kw; faster on a CPU, BENCHMARKS.md's window fold, while a 64x64
     grid's 128 columns cost more than they save), and more than `query_chunk`
     queries scored a chunk at a time, which keeps the (N, N) scores in cache;
+  - a TPU: "splash" for 1024 tokens or more in multiples of 128 (global blocks);
   - otherwise "xla". Without `k_size` the CPU rules are not applied (a summary).
+  `backend` defaults to the platform compiled for (`compiling_for`), else JAX's default.
   """
   if name != "auto" and name not in ATTENTION_FNS:
     raise ValueError(f"Unknown attention implementation {name!r}; choose one of "
@@ -256,14 +328,44 @@ def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None
                      "(config.dtype); use 'xla' or 'auto' for float32.")
   if name != "auto":
     return name
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   if half and backend == "gpu":
     return "cudnn"
+  if backend == "tpu" and k_size is not None and (n := k_size[0] * k_size[1]) >= 1024 \
+      and n % 128 == 0:
+    return "splash"
   if backend != "cpu" or k_size is None:
     return "xla"
   fold = use_rel_pos and sum(k_size) <= head_dim
   chunk = bool(query_chunk) and k_size[0] * k_size[1] > query_chunk
   return "xla" + ("_folded" if fold else "") + ("_chunked" if chunk else "")
+
+
+class QKV(nn.Module):
+  """`nn.Dense(3 * dim)` (same `kernel` and `bias`) with its output as (B, tokens, 3, heads, d).
+
+  The kernel's columns are (q|k|v) x heads x d, so a contiguous split of them
+  is not a split by heads; the kernel is left whole over the tensor axis
+  (sharding.logical_axes) and each device takes its heads from it, so that
+  tensor parallelism needs no resharding of the activations (Megatron).
+  """
+  num_heads: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, dim = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (dim, 3 * dim))
+    kernel = nn.with_logical_constraint(
+        kernel.reshape(dim, 3, self.num_heads, dim // self.num_heads),
+        (None, None, "heads", None))
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    out = jnp.einsum("btc,cknd->btknd", x.reshape(b, h * w, dim), kernel)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (3 * dim,))
+      out = out + bias.reshape(3, self.num_heads, -1).astype(out.dtype)
+    return nn.with_logical_constraint(out, ("batch", "tokens", None, "heads", None))
 
 
 class Attention(nn.Module):
@@ -286,9 +388,8 @@ class Attention(nn.Module):
     attention_fn = ATTENTION_FNS[name]
     if name.endswith("_chunked"):
       attention_fn = functools.partial(attention_fn, query_chunk=self.query_chunk)
-    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-    # (B, tokens, heads, d), a plain reshape of qkv.
-    qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
+    # (B, tokens, 3, heads, d); heads split over the tensor axis (Megatron).
+    qkv = QKV(self.num_heads, self.qkv_bias, self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     rel_h = rel_w = None
     if self.use_rel_pos:
@@ -299,6 +400,7 @@ class Attention(nn.Module):
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
     q = q * head_dim**-0.5
     x = attention_fn(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
+    x = nn.with_logical_constraint(x, ("batch", "height", "width", "heads"))
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
 
 
@@ -317,6 +419,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
+    # The residual stream: split over the batch only, so the attention's and the
+    # MLP's outputs are reduced over the tensor axis once each (Megatron).
+    residual = ("batch", "height", "width", None)
+    x = nn.with_logical_constraint(x, residual)
     shortcut = x
     x = layer_norm(1e-6, "norm1", self.dtype)(x)
     if self.window_size > 0:
@@ -328,10 +434,11 @@ class Block(nn.Module):
     if self.window_size > 0:
       x = window_unpartition(x, self.window_size, padded_hw, hw)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
-    x = shortcut + drop(x)
-    y = MLPBlock(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+    x = nn.with_logical_constraint(shortcut + drop(x), residual)
+    y = MLPBlock(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp",
+                 hidden_names=("batch", "height", "width", "mlp"))(
         layer_norm(1e-6, "norm2", self.dtype)(x))
-    return x + drop(y)
+    return nn.with_logical_constraint(x + drop(y), residual)
 
 
 class PatchEmbed(nn.Module):

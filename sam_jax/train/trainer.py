@@ -72,7 +72,8 @@ class Trainer:
     self.abstract_params = abstract_params(self.model)
     self.tx, self.schedule = optim.make_optimizer(
         config.optim, self.abstract_params, self.mcfg.image_encoder.depth, config.freeze)
-    self.param_shardings = shard_lib.param_shardings(self.abstract_params, self.mesh)
+    self.rules = shard_lib.rules_from_config(config)
+    self.param_shardings = shard_lib.param_shardings(self.abstract_params, self.mesh, self.rules)
     abstract = jax.eval_shape(self._state_from_params, self.abstract_params)
     self.state_shardings = dict(
         params=self.param_shardings,
@@ -92,7 +93,7 @@ class Trainer:
 
   def init_state(self, params) -> State:
     """The step-0 state, sharded, from host or device parameters."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       params = jax.device_put(params, self.param_shardings)
       return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
 
@@ -100,7 +101,7 @@ class Trainer:
     fn = functools.partial(recipe.simulate, model=self.model, config=self.config, train=True)
     # FSDP: the model computes with gathered weights (see sharding.gather_fsdp).
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: fn(shard_lib.gather_fsdp(p, self.mesh), batch=batch, key=key),
+        lambda p: fn(shard_lib.gather_fsdp(p, self.mesh, self.rules), batch=batch, key=key),
         has_aux=True)(params)
     return loss, metrics, grads
 
@@ -126,7 +127,7 @@ class Trainer:
 
   def train_step(self, state: State, batch) -> tuple:
     """One optimizer step; `state` is donated. Jitted with explicit shardings."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step(batch)(state, shard_lib.put_batch(batch, self.mesh))
 
   def compile_step(self, batch) -> jax.stages.Compiled:
@@ -141,7 +142,7 @@ class Trainer:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                      sharding=shard_lib.batch_sharding(self.mesh, len(v.shape)))
              for k, v in batch.items()}
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
 
 
