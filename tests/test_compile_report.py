@@ -136,7 +136,7 @@ def _compiled_text(trainer, batch):
   from sam_jax.modeling.image_encoder import compiling_for
   from sam_jax.train import sharding as shard_lib
   model, mesh = trainer.model, trainer.mesh
-  images = jax.ShapeDtypeStruct((batch, *image_size_hw(trainer.mcfg), 3), jnp.float32,
+  images = jax.ShapeDtypeStruct((batch, *image_size_hw(trainer.mcfg.image_size), 3), jnp.float32,
                                 sharding=shard_lib.batch_sharding(mesh, 4))
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.embed_images))
   with compiling_for("tpu"), jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):

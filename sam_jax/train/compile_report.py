@@ -220,7 +220,7 @@ def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
   """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it."""
   from sam_jax.build import image_size_hw  # noqa: PLC0415
   from sam_jax.train import recipe  # noqa: PLC0415
-  h, w = image_size_hw(trainer.mcfg)
+  h, w = image_size_hw(trainer.mcfg.image_size)
   mh, mw = recipe.low_res_size(trainer.model)
   m = trainer.config.data.max_masks
   return dict(images=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32),
@@ -256,7 +256,7 @@ def compile_encoder(trainer, global_batch: int) -> Compiled:
   from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
   mesh, model = trainer.mesh, trainer.model
-  h, w = image_size_hw(trainer.mcfg)
+  h, w = image_size_hw(trainer.mcfg.image_size)
   images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32,
                                 sharding=shard_lib.batch_sharding(mesh, 4))
   params = trainer.abstract_state["params"]
