@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
-import pytest
+# The test extra installs libtpu (for the TPU compile tests, which need no TPU): without
+# this, every JAX start on a machine without TPUs tries and logs a TPU client error.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 PARITY = collections.defaultdict(float)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
