@@ -43,6 +43,8 @@ def get_config(arg=None):
   c.model = tiny_model(128)
   c.model_init = None  # a sam_jax checkpoint directory to fine-tune from
   c.freeze = "full"  # or frozen_image_encoder, decoder_only
+  # From scratch only: (regex over parameter paths, factor) scaling the fresh init.
+  c.init_scale = ()
 
   c.data = dict(
       train_dir="", eval_dir="",
