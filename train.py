@@ -1,50 +1,7 @@
-"""Trains SAM: `python train.py --config configs/demo.py --workdir /tmp/sam_demo`.
-
-`--mode=eval` instead reports the prompt mIoUs of a trained checkpoint.
-
-Flags only; the job lives in `sam_jax.train.trainer.train_and_evaluate`.
-`--config path:arg` passes `arg` to the config's `get_config`, and
-`--config.some.field=value` overrides single fields.
-
-Several processes (hosts): run the same command on each with `--distributed`,
-which calls `jax.distributed.initialize` (cluster auto-detection on TPU pods,
-SLURM and Open MPI), or with `--coordinator_address=HOST:PORT --num_processes=N
---process_id=I` spelled out; WORKDIR must be a directory they all share.
-"""
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file (optionally :arg).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where data, checkpoints, metrics and exports go.")
-flags.DEFINE_integer("stop_at", None, "Stop after this step (checkpointed), to resume later.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "eval: 1-point, box and k-click mIoU of WORKDIR/export (or --checkpoint, "
-                  "or config.model_init) on the config's held-out data.")
-flags.DEFINE_string("checkpoint", None, "For --mode=eval: a sam_jax checkpoint directory.")
-flags.DEFINE_bool("distributed", False, "Multi-process: jax.distributed.initialize() first, "
-                  "from the cluster's environment or the three flags below.")
-flags.DEFINE_string("coordinator_address", None, "Multi-process: process 0's HOST:PORT.")
-flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes.")
-flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0 .. N-1.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  if f.distributed or f.coordinator_address:
-    import jax  # noqa: PLC0415 - after absl parsed the flags
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; GPUs use NCCL
-    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-  from sam_jax.train import trainer  # import JAX after absl parsed the flags
-  if f.mode == "eval":
-    trainer.evaluate_only(f.config, f.workdir, f.checkpoint)
-  else:
-    trainer.train_and_evaluate(f.config, f.workdir, f.stop_at)
-
+# `python train.py --config configs/demo.py --workdir /tmp/sam_demo` from a clone: the same as
+# `python -m sam_jax.train` (flags and documentation in sam_jax/train/main.py; absl prints
+# the __main__ module's docstring for --help).
+from sam_jax.train.main import __doc__, main  # noqa: F401
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -44,6 +44,9 @@ step() {  # step NAME LIMIT_S ARGS...: a benchmarks.run row, results in OUTDIR/N
   limited profile_enc_vit_h_bf16 120 python3 -m benchmarks.profile_encoder --variant vit_h \
     --dtype bfloat16 --batch 8
   step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --photos 512x512 --repeats 3
+  # The data engine on 4 photos, the paper's settings (32^2 points, 2 crop layers: 21 crops
+  # an image), against the reference generator looped over the same files.
+  step engine_vit_h 300 --only engine --variants vit_h --points-per-side 32 --crop-n-layers 2 --repeats 1
   step enc_vit_b_bf16 50 --only encoder --variants vit_b --dtype bfloat16 --batch 1,8 --repeats 10
   step enc_vit_h_fp32 60 --only encoder --variants vit_h --batch 1 --repeats 5
   step attn_vit_h_bf16 90 --only attention --variants vit_h --dtype bfloat16 --batch 8

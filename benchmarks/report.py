@@ -24,6 +24,10 @@ def _what(row: Dict[str, Any]) -> str:
     return f"{row['prompts']} prompt(s), 1 point each"
   if row["bench"] == "predict":
     return f"1 point on {row['image_hw'][0]}x{row['image_hw'][1]}"
+  if row["bench"] == "engine":
+    return (f"annotate {row['images']} photos, {row['points_per_side']}^2 points, "
+            f"{row['crop_n_layers']} crop layers; masks/s {row['sam_jax']['masks_per_s']:.1f} "
+            f"vs {row['reference']['masks_per_s']:.1f}")
   return (f"{row['points_per_side']}^2 points, batch {row['points_per_batch']}, "
           f"{row['image_hw'][0]}x{row['image_hw'][1]}")
 

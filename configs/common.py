@@ -7,11 +7,14 @@ def paper_prompts_and_loss(c, box_noise_max_px: float = 20.0) -> None:
   11 rounds: the first prompt (a point or a box, equal odds; box corners jittered
   by 10% of the side, at most `box_noise_max_px`), 8 clicks and 2 rounds without
   one; focal and dice 20:1 plus the IoU head's MSE.
+
+  `c.loss` weights the terms of `sam_jax.train.losses` by name (weight 0: logged,
+  not trained on); `c.loss_params` holds a term's keyword arguments.
   """
   c.prompts = dict(num_rounds=11, num_no_point_rounds=2, box_prob=0.5,
                    box_noise_frac=0.1, box_noise_max_px=box_noise_max_px)
-  c.loss = dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0,
-                focal_alpha=0.25, focal_gamma=2.0)
+  c.loss = dict(focal=20.0, dice=1.0, iou_mse=1.0)
+  c.loss_params = dict(focal=dict(alpha=0.25, gamma=2.0))
 
 
 def outputs_off(c) -> None:

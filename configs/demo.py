@@ -12,6 +12,7 @@ import ml_collections
 
 from configs import common
 from sam_jax.build import model_config
+from sam_jax.train import optim
 
 
 def tiny_model(image_size: int = 128) -> ml_collections.ConfigDict:
@@ -42,7 +43,9 @@ def get_config(arg=None):
   c.seed = 0
   c.model = tiny_model(128)
   c.model_init = None  # a sam_jax checkpoint directory to fine-tune from
-  c.freeze = "full"  # or frozen_image_encoder, decoder_only
+  # What does not train: a preset (full, frozen_image_encoder, decoder_only), or
+  # regexes over parameter paths such as 'prompt_encoder/.*' (train/param_groups.py).
+  c.freeze = "full"
   # From scratch only: (regex over parameter paths, factor) scaling the fresh init.
   c.init_scale = ()
 
@@ -68,7 +71,7 @@ def get_config(arg=None):
     c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
   c.optim = dict(lr=2e-3, warmup_steps=20, decay_steps=(500,),
                  decay_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
-                 layer_decay=1.0, grad_clip=1.0)
+                 layer_decay=1.0, grad_clip=1.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS)
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
   common.outputs_off(c)

@@ -4,15 +4,18 @@
   python train.py --config configs/finetune.py:/ckpt/sam_vit_b --workdir /tmp/ft \\
       --config.data.train_dir=/data/mine/train --config.data.eval_dir=/data/mine/val
 
-`arg` is the sam_jax checkpoint directory. `--config.freeze` picks what trains:
-`frozen_image_encoder` (default, the common recipe: prompt encoder + decoder),
-`decoder_only`, or `full`. A frozen encoder is run without its backward pass;
-`--config.cache_embeddings=True` runs it only once per image, before training.
+`arg` is the sam_jax checkpoint directory. `--config.freeze` picks what does not
+train: `frozen_image_encoder` (default, the common recipe: prompt encoder +
+decoder), `decoder_only`, `full`, or a regex over parameter paths such as
+'image_encoder/blocks_[0-9]/.*' (docs/ablations.md). Frozen parameters get no
+backward pass; with the whole encoder frozen, `--config.cache_embeddings=True`
+runs it only once per image, before training.
 """
 
 import ml_collections
 
 from configs import common
+from sam_jax.train import optim
 
 
 def get_config(arg=None):
@@ -38,7 +41,8 @@ def get_config(arg=None):
   c.mesh_shape = (-1, 1, 1)
   common.paper_prompts_and_loss(c)
   c.optim = dict(lr=1e-5, warmup_steps=100, decay_steps=(1500,), decay_factor=0.1,
-                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8, grad_clip=0.0)
+                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8, grad_clip=0.0,
+                 lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS)
   c.remat_rounds = False
   c.unroll_rounds = False
   c.eval = dict(num_images=50, max_masks=16, num_clicks=5, before_training=True)

@@ -16,10 +16,10 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
+from sam_jax.image_io import png_bytes, read_rgb, write_mask
 from sam_jax.outputs import OutputError, atomic_output
 
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
@@ -87,21 +87,11 @@ def list_images(path: str) -> List[str]:
   return files
 
 
-def read_rgb(path: str) -> Optional[np.ndarray]:
-  """An image file as (H, W, 3) uint8 RGB, read as the reference reads it; None if unreadable."""
-  image = cv2.imread(path)
-  return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_rgb(path: str, image: np.ndarray) -> None:
-  cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-
-
 def write_masks_to_folder(masks: List[Dict[str, Any]], path: str) -> None:
   """One PNG per mask (0 or 255) and metadata.csv, exactly as the reference script."""
   rows = [METADATA_HEADER]
   for i, record in enumerate(masks):
-    cv2.imwrite(os.path.join(path, f"{i}.png"), record["segmentation"].astype(np.uint8) * 255)
+    write_mask(os.path.join(path, f"{i}.png"), record["segmentation"])
     row = [str(i), str(record["area"]), *[str(x) for x in record["bbox"]],
            *[str(x) for x in record["point_coords"][0]], str(record["predicted_iou"]),
            str(record["stability_score"]), *[str(x) for x in record["crop_box"]]]
@@ -186,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
   import jax
 
   from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-  from sam_jax.utils.amg import rle_to_mask
+  from sam_jax.utils.mask_ops import rle_to_mask
   from sam_jax.utils.visualize import overlay_masks
 
   if args.device is not None:
@@ -218,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
                 else rle_to_mask(m["segmentation"]) for m in masks]
       picture = overlay_masks(image, binary)
       with atomic_output(overlay[0][0], args.overwrite, _is_png, "overlay") as tmp:
-        with open(tmp, "wb") as f:  # encoded here: the temporary name has no extension
-          f.write(cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes())
+        with open(tmp, "wb") as f:  # encoded in memory: the temporary name has no extension
+          f.write(png_bytes(picture))
     tqdm.write(f"{target}: {len(masks)} masks")
     done += 1
   if not done:

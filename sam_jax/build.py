@@ -1,6 +1,6 @@
 """Model configs for the SAM variants, and building a model from one."""
 
-from typing import Tuple, Union
+from typing import Tuple
 
 import jax.numpy as jnp
 import ml_collections
@@ -9,6 +9,7 @@ from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.modeling.sam import Sam
+from sam_jax.transforms import Size
 
 # (embed_dim, depth, num_heads, global_attn_indexes) of the released encoders.
 VARIANTS = {
@@ -60,14 +61,14 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
   ), type_safe=False)  # image_size may become a (height, width) pair
 
 
-def image_size_hw(config) -> Tuple[int, int]:
-  size: Union[int, Tuple[int, int]] = config.image_size
-  return (size, size) if isinstance(size, int) else tuple(size)
+def image_size_hw(size: Size) -> Tuple[int, int]:
+  """(height, width) of an image size given as one side or as a pair (`config.image_size`)."""
+  return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def build_sam(config: ml_collections.ConfigDict) -> Sam:
   """The `Sam` module that `config` describes (parameters come separately)."""
-  size = image_size_hw(config)
+  size = image_size_hw(config.image_size)
   enc = config.image_encoder.to_dict()
   if size[0] % enc["patch_size"] or size[1] % enc["patch_size"]:
     raise ValueError(f"image_size {size} must be a multiple of patch_size {enc['patch_size']}.")

@@ -338,8 +338,7 @@ def load_sam(directory: str, image_size: Optional[Union[int, Tuple[int, int]]] =
   model = build_sam(config)
   if image_size is not None:
     image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else image_size
-  if image_size is not None and image_size_hw(config) != image_size_hw(
-      ml_collections.ConfigDict(dict(image_size=image_size))):
+  if image_size is not None and image_size_hw(config.image_size) != image_size_hw(image_size):
     config.image_size = image_size
     try:
       model = build_sam(config)

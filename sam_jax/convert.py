@@ -160,8 +160,9 @@ def infer_config(state_dict: Dict[str, np.ndarray],
   return config
 
 
-def describe_foreign(state_dict: Any) -> Optional[str]:
-  """Why `state_dict` is not a SAM (v1) state dict, or None if it may be one."""
+def describe_foreign(state_dict: Any, allow_hf: bool = False) -> Optional[str]:
+  """Why `state_dict` is not a SAM (v1) state dict (Meta's names, or HF's with
+  `allow_hf`), or None if it may be one."""
   if not isinstance(state_dict, dict):
     return f"it holds a {type(state_dict).__name__}, not a state dict of tensors"
   keys = [k for k in state_dict if isinstance(k, str)]
@@ -174,16 +175,19 @@ def describe_foreign(state_dict: Any) -> Optional[str]:
     return ("it wraps its weights in a 'model' entry: extract that state dict "
             "(torch.save(ckpt['model'], path)) and convert the result")
   if any(k.startswith("vision_encoder.") for k in keys):
-    return ("it is a Hugging Face transformers SamModel checkpoint (vision_encoder.*); "
-            "convert Meta's original sam_vit_*.pth files instead")
+    if allow_hf:
+      return None
+    return ("it is a Hugging Face transformers SamModel checkpoint (vision_encoder.*): "
+            "pass its directory (with config.json) as --checkpoint instead of the file")
   if not any(k.startswith("image_encoder.") for k in keys):
     sample = ", ".join(keys[:3]) or "no tensors"
     return f"it has no image_encoder.* tensors (first keys: {sample}); it is not a SAM checkpoint"
   return None
 
 
-def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """Loads a reference `.pth` state dict as NumPy arrays, with clear errors."""
+def read_torch_checkpoint(path: str, allow_hf: bool = False) -> Dict[str, np.ndarray]:
+  """Loads a reference `.pth` state dict (or, with `allow_hf`, an HF
+  `pytorch_model.bin`) as NumPy arrays, with clear errors."""
   try:
     import torch
   except ImportError as e:
@@ -197,7 +201,7 @@ def read_torch_checkpoint(path: str) -> Dict[str, np.ndarray]:
     raise ConversionError(
         f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or another "
         f"format): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-  why = describe_foreign(obj)
+  why = describe_foreign(obj, allow_hf)
   if why:
     raise ConversionError(f"Cannot convert {path}: {why}.")
   bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()

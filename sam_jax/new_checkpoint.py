@@ -19,7 +19,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "initialisation seed")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing directory")
 
 
-def main(argv):
+def _run(argv):
   del argv
   config = _CONFIG.value
   params = init_params(build_sam(config), jax.random.key(_SEED.value))
@@ -27,6 +27,10 @@ def main(argv):
   print(f"wrote {_OUTPUT.value} ({config.variant}, randomly initialised, seed {_SEED.value})")
 
 
-if __name__ == "__main__":
+def main(argv=None):
   flags.mark_flags_as_required(["config", "output"])
-  app.run(main)
+  app.run(_run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

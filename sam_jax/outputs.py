@@ -89,3 +89,19 @@ def empty_dir(path: str) -> Optional[str]:
   if not os.path.isdir(path) or os.path.islink(path):
     return "it is not a folder"
   return None if not os.listdir(path) else "it is a folder that is not empty"
+
+
+def folder_of(names, what: str) -> Callable[[str], Optional[str]]:
+  """A `replaceable` for a folder that a writer fills with `names`: None when the
+  folder holds nothing else (so none of its files is one we did not write)."""
+  names = frozenset(names)
+
+  def replaceable(path: str) -> Optional[str]:
+    if not os.path.isdir(path) or os.path.islink(path):
+      return "it is not a folder"
+    foreign = sorted(set(os.listdir(path)) - names)
+    if foreign:
+      return (f"it holds files that a {what} does not ({', '.join(foreign[:5])}"
+              f"{', ...' if len(foreign) > 5 else ''})")
+    return None
+  return replaceable

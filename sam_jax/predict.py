@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 
 
@@ -105,7 +104,7 @@ def _write_outputs(folder: str, files: Dict[str, bytes], overwrite: bool) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-  from sam_jax.amg import read_rgb
+  from sam_jax.image_io import mask_png_bytes, png_bytes, read_rgb
   from sam_jax.checkpoint import load_sam
   from sam_jax.predictor import SamPredictor
   from sam_jax.utils.visualize import draw_prompts, overlay_masks
@@ -125,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
   meta = json.dumps({"image": args.image, "points": args.point, "box": args.box,
                      "predicted_iou": iou.tolist(), "best": best,
                      "masks": [f"mask_{i}.png" for i in range(len(masks))]}, indent=2)
-  png = lambda a: cv2.imencode(".png", a)[1].tobytes()  # noqa: E731
-  files = {f"mask_{i}.png": png(m.astype(np.uint8) * 255) for i, m in enumerate(masks)}
-  files["overlay.png"] = png(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+  files = {f"mask_{i}.png": mask_png_bytes(m) for i, m in enumerate(masks)}
+  files["overlay.png"] = png_bytes(overlay)
   files["predictions.json"] = meta.encode()
   _write_outputs(args.output, files, args.overwrite)
   print(f"wrote {len(masks)} masks to {args.output} (best: mask_{best}.png, "

@@ -1,12 +1,18 @@
-"""Shared fixtures; the parity maxima measured by the run are printed at the end."""
+"""Shared fixtures and tiny models; the parity maxima measured by the run are printed at the end."""
 
 import collections
+import functools
+import inspect
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 PARITY = collections.defaultdict(float)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,6 +38,102 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+# --- tiny models, shared -----------------------------------------------------
+
+
+def tiny_train_config():
+  """The training tests' config: a model of a few thousand parameters on 64-pixel
+  images, 4 steps of batch 4 on 12 generated images; no evaluation."""
+  from configs import demo  # noqa: PLC0415 - configs/ is found from the repository root
+  c = demo.get_config("quick")
+  m = c.model
+  m.image_size = 64
+  m.prompt_embed_dim = 32
+  m.image_encoder.update(dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, window_size=2,
+                              global_attn_indexes=(1,)))
+  m.mask_decoder.update(dict(iou_head_hidden_dim=32, transformer_mlp_dim=64,
+                             transformer_num_heads=2))
+  c.data.generate.update(dict(num_train=12, num_eval=4, size=64, max_shapes=4))
+  c.data.max_masks = 2
+  c.batch_size = 4
+  c.prompts.num_rounds = 3
+  c.prompts.num_no_point_rounds = 1
+  c.eval.num_images = 0
+  c.total_steps, c.log_every, c.checkpoint_every = 4, 1, 2
+  c.optim.warmup_steps = 1
+  c.export = False
+  return c
+
+
+def one_block_train_config():
+  """`tiny_train_config` with one windowed encoder block, one decoder layer and one
+  prompt round: the multi-device tests compile it fast."""
+  c = tiny_train_config()
+  c.model.image_encoder.update(dict(depth=1, global_attn_indexes=()))
+  c.model.mask_decoder.transformer_depth = 1
+  c.prompts.num_rounds = 1
+  return c
+
+
+def fake_batch(config, batch_size):
+  """A deterministic batch: random images, rectangle masks on the low-res grid."""
+  s = config.model.image_size
+  low = 4 * s // config.model.image_encoder.patch_size
+  n = config.data.max_masks
+  rng = np.random.default_rng(0)
+  masks = np.zeros((batch_size, n, low, low), np.uint8)
+  for i in range(batch_size):
+    for j in range(n):
+      y, x = rng.integers(0, low // 2, 2)
+      masks[i, j, y:y + low // 3, x:x + low // 4] = 1
+  return dict(images=rng.uniform(0, 255, (batch_size, s, s, 3)).astype(np.float32),
+              masks=masks, valid=np.ones((batch_size, n), bool))
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory):
+  """`tests.reference.tiny_reference_sam` and its conversion, for the session:
+  (reference, checkpoint directory, model, params)."""
+  from tests.reference import save_and_convert, tiny_reference_sam  # noqa: PLC0415 - torch
+  ref = tiny_reference_sam()
+  _, directory, model, params = save_and_convert(ref, tmp_path_factory.mktemp("tiny_sam"))
+  return ref, directory, model, params
+
+
+# --- tests on several CPU devices ---------------------------------------------
+
+DEVICES_ENV = "SAM_JAX_TEST_CPU_DEVICES"
+# For tests that compile a whole train step in their own process: XLA:CPU's backend
+# optimisations off (LLVM's, the fusion emitters'), much faster compiles.
+# Sharding is decided before them, in the SPMD partitioner.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
+
+
+def with_cpu_devices(count: int, xla_flags: str = ""):
+  """Runs the decorated test in a fresh pytest process with `count` CPU devices.
+
+  XLA fixes the device count when its backend starts, and the suite's own
+  process keeps one device (the training configs' meshes take every device),
+  so the test reruns itself by node id; there, it runs in place.
+  """
+  def decorate(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+      if os.environ.get(DEVICES_ENV) == str(count):
+        assert jax.device_count() == count, jax.devices()
+        return test(*args, **kwargs)
+      node = f"{os.path.relpath(inspect.getfile(test), ROOT)}::{test.__name__}"
+      env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **{DEVICES_ENV: str(count)},
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={count} {xla_flags}")
+      out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
+                            "-p", "no:cacheprovider", node], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+      assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    return run
+  return decorate
 
 
 def record(name: str, value: float) -> float:

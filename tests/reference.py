@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
 
-import convert_weights
+from sam_jax import convert_weights
 from sam_jax.checkpoint import load_sam
 
 

@@ -16,16 +16,15 @@ from torchvision.ops import batched_nms
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import TRACE_COUNTS
-from sam_jax.utils import amg
-from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
+from sam_jax.utils import mask_ops
+from tests.reference import AMG_TEST_SETTINGS
 
 SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  ref = tiny_reference_sam()
-  _, _, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
+def models(tiny_sam):
+  ref, _, model, params = tiny_sam
   return ref, model, params
 
 
@@ -47,7 +46,7 @@ def reference_default(models, image):
 def as_mask(segmentation):
   if isinstance(segmentation, np.ndarray):
     return segmentation
-  return amg.rle_to_mask(segmentation)
+  return mask_ops.rle_to_mask(segmentation)
 
 
 def assert_records_match(ours, theirs):
@@ -106,7 +105,7 @@ def test_output_modes_match_reference(models, image, reference_default, output_m
     assert isinstance(record["segmentation"]["counts"],
                       list if output_mode == "uncompressed_rle" else str)
   # Exactly equal where the masks are: the RLE of ours is the reference's RLE of ours.
-  mask = amg.rle_to_mask(records[0]["segmentation"])
+  mask = mask_ops.rle_to_mask(records[0]["segmentation"])
   ref_rle = reference_amg.mask_to_rle_pytorch(torch.as_tensor(mask[None]))[0]
   if output_mode == "coco_rle":
     ref_rle = reference_amg.coco_encode_rle(ref_rle)
@@ -137,12 +136,13 @@ def keep_crop_edges(monkeypatch):
   from sam_jax import automatic_mask_generator as ours
   never = lambda boxes, *args, **kwargs: boxes[..., 0] != boxes[..., 0]  # noqa: E731
   monkeypatch.setattr(reference_generator_module, "is_box_near_crop_edge", never)
-  monkeypatch.setattr(amg, "is_box_near_crop_edge", never)
+  monkeypatch.setattr(mask_ops, "is_box_near_crop_edge", never)
   ours.filter_masks.clear_cache()
   yield
   ours.filter_masks.clear_cache()
 
 
+@pytest.mark.slow
 def test_crop_layers_match_reference(models, keep_crop_edges):
   ref, model, params = models
   image = np.ascontiguousarray(skimage.data.coffee()[::2, ::2])  # 200 x 300, faster
@@ -172,12 +172,12 @@ def test_nms_matches_torchvision():
     for thresh in (0.3, 0.7, 0.999):
       theirs = batched_nms(torch.as_tensor(boxes), torch.as_tensor(scores), torch.zeros(n),
                            thresh).numpy()
-      np.testing.assert_array_equal(amg.nms(boxes, scores, thresh), theirs)
-  assert len(amg.nms(np.zeros((0, 4)), np.zeros(0), 0.5)) == 0
+      np.testing.assert_array_equal(mask_ops.nms(boxes, scores, thresh), theirs)
+  assert len(mask_ops.nms(np.zeros((0, 4)), np.zeros(0), 0.5)) == 0
   # Equal scores: the earlier box wins, every time.
   boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [0, 0, 10, 10], [40, 40, 50, 50]], np.float32)
-  np.testing.assert_array_equal(amg.nms(boxes, np.ones(4), 0.5), [0, 1, 3])
-  np.testing.assert_array_equal(amg.nms(boxes, np.ones(4), 0.2), [0, 3])
+  np.testing.assert_array_equal(mask_ops.nms(boxes, np.ones(4), 0.5), [0, 1, 3])
+  np.testing.assert_array_equal(mask_ops.nms(boxes, np.ones(4), 0.2), [0, 3])
 
 
 def test_helpers_match_reference():
@@ -186,26 +186,26 @@ def test_helpers_match_reference():
   masks[0] = False
   masks[1] = True
   t = torch.as_tensor(masks)
-  np.testing.assert_array_equal(np.asarray(amg.masks_to_boxes(masks)),
+  np.testing.assert_array_equal(np.asarray(mask_ops.masks_to_boxes(masks)),
                                 reference_amg.batched_mask_to_box(t).numpy())
   logits = rng.normal(size=(6, 30, 40)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(amg.stability_score(logits, 0.0, 0.5)),
+  np.testing.assert_allclose(np.asarray(mask_ops.stability_score(logits, 0.0, 0.5)),
                              reference_amg.calculate_stability_score(torch.as_tensor(logits), 0.0,
                                                                      0.5).numpy(), rtol=1e-6)
   for mask, rle in zip(masks, reference_amg.mask_to_rle_pytorch(t)):
-    assert amg.uncompressed_rle(mask) == rle
-    assert amg.mask_to_rle(mask) == reference_amg.coco_encode_rle(rle)
-    np.testing.assert_array_equal(amg.rle_to_mask(rle), mask)
+    assert mask_ops.uncompressed_rle(mask) == rle
+    assert mask_ops.mask_to_rle(mask) == reference_amg.coco_encode_rle(rle)
+    np.testing.assert_array_equal(mask_ops.rle_to_mask(rle), mask)
   boxes = rng.integers(0, 300, (50, 4))
   crop, orig = [100, 50, 300, 250], [0, 0, 400, 300]
   np.testing.assert_array_equal(
-      np.asarray(amg.is_box_near_crop_edge(boxes, np.array(crop, np.float32),
+      np.asarray(mask_ops.is_box_near_crop_edge(boxes, np.array(crop, np.float32),
                                            np.array(orig, np.float32))),
       reference_amg.is_box_near_crop_edge(torch.as_tensor(boxes), crop, orig).numpy())
   for size, layers, ratio in (((300, 451), 2, 512 / 1500), ((1000, 700), 3, 0.2)):
-    assert amg.generate_crop_boxes(size, layers, ratio) == reference_amg.generate_crop_boxes(
+    assert mask_ops.generate_crop_boxes(size, layers, ratio) == reference_amg.generate_crop_boxes(
         size, layers, ratio)
-  for grid, ref_grid in zip(amg.build_all_layer_point_grids(16, 2, 2),
+  for grid, ref_grid in zip(mask_ops.build_all_layer_point_grids(16, 2, 2),
                             reference_amg.build_all_layer_point_grids(16, 2, 2)):
     np.testing.assert_array_equal(grid, ref_grid)
 
@@ -214,7 +214,8 @@ def test_defaults_are_the_reference_defaults(models):
   import inspect
   ours = inspect.signature(SamAutomaticMaskGenerator).parameters
   theirs = inspect.signature(ReferenceGenerator).parameters
-  assert [n for n in ours if n != "params"] == list(theirs)
+  extra = ("params", "crops_per_encode", "mesh")  # ours only: batched, data-parallel encoding
+  assert [n for n in ours if n not in extra] == list(theirs)
   for name, p in theirs.items():
     if name != "model":
       assert ours[name].default == p.default, name

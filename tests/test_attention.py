@@ -1,4 +1,5 @@
-"""The image encoder's attention implementations agree with each other.
+"""The image encoder's attention implementations (the `ATTENTION_FNS` registry)
+agree with each other, and "auto" picks by backend as documented.
 
 cuDNN itself needs a GPU; here the folding of the decomposed relative-position
 bias into q and k (what makes flash attention possible) is checked through
@@ -14,7 +15,7 @@ import pytest
 from sam_jax.modeling import image_encoder as ie
 
 
-@pytest.mark.parametrize("use_rel_pos", [True, False])
+@pytest.mark.parametrize("use_rel_pos", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_folded_bias_equals_added_bias(use_rel_pos):
   rs = np.random.RandomState(0)
   b, heads, kh, kw, d = 2, 3, 5, 7, 10  # 10 + 5 + 7 = 22: padded to 24
@@ -40,7 +41,6 @@ def test_folded_bias_equals_added_bias(use_rel_pos):
   grads = [jax.grad(loss(fold), (0, 1, 2, 3))(q, k, v, tables) for fold in (True, False)]
   for g, w in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(jnp.abs(w).max()))
-
 
 
 def _materialised_attention(variables, x, num_heads, use_rel_pos):
@@ -79,6 +79,7 @@ def test_attention_equals_the_materialised_formula(grid, use_rel_pos, query_chun
                   jax.tree.leaves(jax.grad(loss(slow))(params))):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
 
+
 def test_one_hots_pick_the_key_row_and_column():
   table = np.asarray(ie.rel_pos_one_hots((3, 4), jnp.float32))
   assert table.shape == (12, 7)
@@ -87,28 +88,76 @@ def test_one_hots_pick_the_key_row_and_column():
       assert np.flatnonzero(table[y * 4 + x]).tolist() == [y, 3 + x]
 
 
-def test_resolve_attention():
-  assert ie.resolve_attention("auto", jnp.float32) == "xla"
-  if jax.default_backend() == "cpu":
-    assert ie.resolve_attention("auto", jnp.bfloat16) == "xla"
+def test_resolve_attention_auto_rules_per_backend():
+  r = ie.resolve_attention
+  # A GPU in half precision: cuDNN's flash attention; in float32, XLA's.
+  assert r("auto", jnp.bfloat16, (64, 64), 64, backend="gpu") == "cudnn"
+  assert r("auto", jnp.float32, (64, 64), 64, backend="gpu") == "xla"
+  assert r("auto", jnp.bfloat16, (64, 64), 64, backend="tpu") == "splash"  # tests/test_tpu_attention.py
+  # A CPU: windows fold the bias (14 + 14 <= 64 columns); a 64x64 grid is chunked.
+  assert r("auto", jnp.float32, (14, 14), 64, backend="cpu") == "xla_folded"
+  assert r("auto", jnp.float32, (64, 64), 64, backend="cpu") == "xla_chunked"
+  assert r("auto", jnp.float32, (32, 32), 64, backend="cpu") == "xla_folded_chunked"
+  assert r("auto", jnp.float32, (32, 32), 64, use_rel_pos=False, backend="cpu") == "xla_chunked"
+  assert r("auto", jnp.float32, (32, 32), 64, backend="cpu", query_chunk=0) == "xla_folded"
+  assert r("dense", jnp.float32, (64, 64), 64, backend="gpu") == "dense"  # a name is itself
   with pytest.raises(ValueError, match="bfloat16 or float16"):
-    ie.resolve_attention("cudnn", jnp.float32)
-  with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
-    ie.resolve_attention("flash", jnp.bfloat16)
+    r("cudnn", jnp.float32)
+  with pytest.raises(ValueError, match="Unknown attention implementation 'flash'.*'dense'"):
+    r("flash", jnp.bfloat16)
 
 
-def test_attention_module_cudnn_layout_equals_xla(monkeypatch):
-  """The module's cuDNN branch (heads-last q, k, v straight from qkv) gives the
-  XLA branch's output; the kernel is swapped for XLA's so that this runs on CPU."""
-  import functools
-  x = jnp.asarray(np.random.RandomState(1).randn(2, 6, 5, 24).astype(np.float32))
-  xla = ie.Attention(4, True, (6, 5), implementation="xla")
-  params = xla.init(jax.random.key(0), x)
+def _module_io(grid, use_rel_pos=True, dim=24, heads=4):
+  x = jnp.asarray(np.random.RandomState(1).randn(2, *grid, dim).astype(np.float32))
+  params = ie.Attention(heads, use_rel_pos, grid, implementation="xla").init(
+      jax.random.key(0), x)
+  # Random relative-position tables too (they start at zero).
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape),
                         params)
-  want = xla.apply(params, x)
-  monkeypatch.setattr(ie, "resolve_attention", lambda implementation, dtype: implementation)
-  monkeypatch.setattr(ie, "cudnn_attention",
-                      functools.partial(ie.cudnn_attention, implementation="xla"))
-  got = ie.Attention(4, True, (6, 5), implementation="cudnn").apply(params, x)
-  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()))
+  return x, params
+
+
+@pytest.mark.parametrize("grid,use_rel_pos,query_chunk", [((9, 13), True, 50),
+                                                       ((9, 13), False, 16)])
+def test_every_registered_attention_gives_the_same_outputs(grid, use_rel_pos, query_chunk):
+  """Values and gradients of each implementation but cuDNN's (GPU and half precision
+  only; its folding is checked above) on non-square grids whose token count no
+  chunk divides; the reference's formula ("dense") is the yardstick."""
+  x, params = _module_io(grid, use_rel_pos)
+
+  def run(name):
+    module = ie.Attention(4, use_rel_pos, grid, implementation=name, query_chunk=query_chunk)
+    loss = lambda p: (module.apply(p, x) ** 2).sum()  # noqa: E731
+    return jax.jit(lambda p: (module.apply(p, x), jax.grad(loss)(p)))(params)
+
+  want, want_grads = run("dense")
+  scale = float(jnp.abs(want).max())
+  # Splash needs a multiple of 128 tokens: tests/test_tpu_attention.py checks it.
+  for name in [n for n in ie.ATTENTION_FNS if n not in ("cudnn", "splash")] + ["auto"]:
+    got, grads = run(name)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=name)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()),
+                                 err_msg=name)
+
+
+def test_encoder_attention_choices_give_the_same_embeddings():
+  """The ablation of docs/ablations.md: two attention choices in the model config, one
+  set of parameters (the names do not depend on the choice), the same embeddings."""
+  from configs import demo
+  from sam_jax.build import build_sam
+  from sam_jax.checkpoint import abstract_params, init_params
+  from sam_jax.modeling.sam import Sam
+  m = demo.tiny_model(64)
+  images = jnp.asarray(np.random.RandomState(3).uniform(0, 255, (1, 64, 64, 3)), jnp.float32)
+  out, params = {}, None
+  for name in ("auto", "dense"):
+    m.image_encoder.attention = m.image_encoder.window_attention = name
+    model = build_sam(m)
+    if params is None:
+      params = init_params(model, jax.random.key(0))
+    assert jax.tree.structure(abstract_params(model)) == jax.tree.structure(params)
+    out[name] = jax.jit(lambda p, x, model=model: model.apply(
+        {"params": p}, x, method=Sam.embed_images))(params, images)
+  np.testing.assert_allclose(out["dense"], out["auto"], rtol=0,
+                             atol=1e-5 * float(jnp.abs(out["auto"]).max()))

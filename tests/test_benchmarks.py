@@ -29,6 +29,7 @@ def _positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_environment_is_recorded(report):
   env = report["environment"]
   for key in ("date_utc", "cpu", "cpu_count", "jax_backend", "versions", "loadavg", "command"):
@@ -38,6 +39,7 @@ def test_environment_is_recorded(report):
   assert report["anchors"]["image encoder TFLOP per 1024x1024 image"]["vit_h"] == 5.96
 
 
+@pytest.mark.slow
 def test_every_benchmark_has_well_formed_rows(report):
   rows = report["results"]
   assert {r["bench"] for r in rows} == set(run.BENCHMARKS)
@@ -54,6 +56,7 @@ def test_every_benchmark_has_well_formed_rows(report):
     assert math.isclose(row["speedup"], row["reference"]["median_s"] / row["sam_jax"]["median_s"])
 
 
+@pytest.mark.slow
 def test_encoder_rows(report):
   (row,) = [r for r in report["results"] if r["bench"] == "encoder"]
   assert row["attention"] == "global xla, windows xla"
@@ -61,12 +64,14 @@ def test_encoder_rows(report):
   assert row["sam_jax"]["peak_rss_growth_mb"] >= 0
 
 
+@pytest.mark.slow
 def test_amg_rows_count_masks(report):
   (amg,) = [r for r in report["results"] if r["bench"] == "amg"]
   assert amg["points_per_side"] == 4
   assert amg["sam_jax"]["masks"] >= 0 and amg["reference"]["masks"] >= 0
 
 
+@pytest.mark.slow
 def test_attention_rows(report):
   rows = [r for r in report["results"] if r["bench"] == "attention"]
   assert {(r["block"], r["mode"]) for r in rows} == {
@@ -76,6 +81,7 @@ def test_attention_rows(report):
       assert row["max_abs_diff_vs_xla"] == 0.0 and row["max_abs_output"] > 0
 
 
+@pytest.mark.slow
 def test_train_row(report):
   (row,) = [r for r in report["results"] if r["bench"] == "train"]
   j = row["sam_jax"]
@@ -106,6 +112,7 @@ def test_batch_search_doubles_until_the_first_that_does_not_fit():
   assert best is None and len(tried) == 1
 
 
+@pytest.mark.slow
 def test_photo_rows_are_at_the_size_asked_for(report):
   for bench in ("predict", "amg"):
     (row,) = [r for r in report["results"] if r["bench"] == bench]  # --quick: the first size
@@ -125,6 +132,7 @@ def test_batch_search_needs_a_memory_limit_on_a_cpu(capsys):
   assert "--memory-limit-gb" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_renders_every_row(report, tmp_path, capsys):
   from benchmarks import report as report_lib
   path = tmp_path / "quick.json"
@@ -163,6 +171,7 @@ def test_gpu_script_steps_parse():
   assert len(names) == len(set(names)) >= 10, names
 
 
+@pytest.mark.slow
 def test_profile_predict_reports_every_part(capsys):
   from benchmarks import profile_predict
   assert profile_predict.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",
@@ -174,6 +183,7 @@ def test_profile_predict_reports_every_part(capsys):
   assert "GFLOP/s" in out
 
 
+@pytest.mark.slow
 def test_profile_encoder_splits_the_time_by_model_part(capsys):
   from benchmarks import profile_encoder
   assert profile_encoder.main(["--variant", "tiny", "--image-size", "256", "--calls", "1",

@@ -12,11 +12,12 @@ import pytest
 import skimage.data
 
 from sam_jax import amg as amg_cli
+from sam_jax import image_io
 from sam_jax import predict as predict_cli
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.predictor import SamPredictor
-from sam_jax.utils.amg import rle_to_mask
-from tests.reference import AMG_TEST_SETTINGS, save_and_convert, tiny_reference_sam
+from sam_jax.utils.mask_ops import rle_to_mask
+from tests.reference import AMG_TEST_SETTINGS
 
 SETTINGS = ["--points-per-side", "8", "--pred-iou-thresh", "0.3", "--stability-score-thresh",
             "0.6", "--stability-score-offset", "0.1", "--box-nms-thresh", "0.999"]
@@ -24,9 +25,8 @@ GENERATOR_SETTINGS = AMG_TEST_SETTINGS
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  ref = tiny_reference_sam()
-  _, directory, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
+def checkpoint(tiny_sam):
+  _, directory, model, params = tiny_sam
   return directory, model, params
 
 
@@ -56,7 +56,7 @@ def test_amg_cli_writes_pngs_and_metadata(checkpoint, images, amg_output):
   assert sorted(os.listdir(amg_output)) == ["cat", "cat_overlay.png", "coffee",
                                             "coffee_overlay.png"]
   for name, filename in (("cat", "cat.png"), ("coffee", "coffee.jpg")):
-    image = amg_cli.read_rgb(str(images / filename))
+    image = image_io.read_rgb(str(images / filename))
     records = generator.generate(image)
     folder = amg_output / name
     assert len(records) > 0
@@ -77,6 +77,7 @@ def test_amg_cli_writes_pngs_and_metadata(checkpoint, images, amg_output):
     assert not np.array_equal(overlay[..., ::-1], image)  # the masks are drawn
 
 
+@pytest.mark.slow
 def test_amg_cli_coco_rle_and_overwrite(checkpoint, images, amg_output, tmp_path, capsys):
   args = ["--checkpoint", checkpoint[0], "--input", str(images / "cat.png"), "--output",
           str(tmp_path), "--convert-to-rle", *SETTINGS]
@@ -113,7 +114,7 @@ def test_predict_cli(checkpoint, images, tmp_path):
                            str(tmp_path), "--point", "200,150", "--point", "300,100,0",
                            "--box", "100,50,400,280"]) == 0
   predictor = SamPredictor(model, params)
-  image = amg_cli.read_rgb(image_path)
+  image = image_io.read_rgb(image_path)
   predictor.set_image(image)
   masks, iou, _ = predictor.predict(np.array([[200, 150], [300, 100]]), np.array([1, 0]),
                                     np.array([100, 50, 400, 280]))
@@ -141,6 +142,7 @@ def test_predict_cli_errors(checkpoint, images, tmp_path, capsys):
       predict_cli.main(base + bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, option", [("sam_jax.amg", "--convert-to-rle"),
                                             ("sam_jax.predict", "--point")])
 def test_modules_run_as_scripts(module, option):

@@ -61,6 +61,7 @@ def test_bad_configs_are_clear_errors():
     build_sam(config)
 
 
+@pytest.mark.slow
 def test_new_checkpoint_cli(tmp_path):
   out = tmp_path / "random"
   subprocess.run(
@@ -70,3 +71,17 @@ def test_new_checkpoint_cli(tmp_path):
       check=True, capture_output=True)
   model, params = load_sam(str(out))
   assert model.image_size == (128, 128) and model.image_encoder.depth == 2
+
+
+@pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "quick"), ("finetune", "/ckpt"),
+                                      ("pretrain", "vit_b")])
+def test_training_configs_name_valid_parameter_groups_and_loss_terms(name, arg):
+  """Their freeze patterns, lr/wd multipliers and loss terms resolve on the model's
+  parameters (the finetune config's model comes from its checkpoint: ViT-B here)."""
+  import importlib
+  from sam_jax.train import losses, optim
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  losses.check_config(config.loss, config.loss_params)
+  mcfg = config.model if "image_encoder" in config.model else sam_config.get_config("vit_b")
+  params = abstract_params(build_sam(mcfg))
+  optim.make_optimizer(config.optim, params, mcfg.image_encoder.depth, config.freeze)

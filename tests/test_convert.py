@@ -1,11 +1,11 @@
-"""convert_weights.py: both directions, and loud failures that write nothing."""
+"""sam_jax.convert_weights: both directions, and loud failures that write nothing."""
 
 import os
 
 import pytest
 import torch
 
-import convert_weights
+from sam_jax import convert_weights
 from sam_jax.checkpoint import CheckpointError, load_sam
 from tests.reference import reference_sam, save_and_convert
 

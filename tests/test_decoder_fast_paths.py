@@ -44,6 +44,7 @@ def _attention(rs, shared_image, tokens_attend):
   return attn, params, (q, k, v, mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_image", [True, False])
 @pytest.mark.parametrize("tokens_attend", [True, False])
 def test_attention_contraction_orders_agree(shared_image, tokens_attend):
@@ -115,6 +116,7 @@ def test_attention_picks_the_cheapest_order():
     attn.init(jax.random.PRNGKey(0), q, q, q, contraction=("sideways", "project"))
 
 
+@pytest.mark.slow
 def test_decode_on_a_cached_image_equals_decode():
   """`Sam.cache_image` kept across calls changes nothing, mask prompts included."""
   model = build_sam(tiny_model(64))

@@ -35,8 +35,10 @@ def test_a_corrupt_example_is_still_reported_while_tfds_is_quiet(tmp_path, caplo
 
 
 def test_results_table_has_a_row_per_prompt_before_and_after():
-  untrained = dict(miou_1point=0.1, miou_box=0.2, miou_clicks=[0.1, 0.15, 0.3], num_masks=9)
-  trained = dict(miou_1point=0.7, miou_box=0.85, miou_clicks=[0.7, 0.8, 0.9], num_masks=9)
+  untrained = dict(miou_1point_default=0.1, miou_box=0.2,
+                   miou_points={"1": 0.1, "2": 0.15, "3": 0.3}, num_masks=9)
+  trained = dict(miou_1point_default=0.7, miou_box=0.85,
+                 miou_points={"1": 0.7, "2": 0.8, "3": 0.9}, num_masks=9)
   lines = trainer.results_table(untrained, trained, 3).splitlines()
   assert "9 masks" in lines[0]
   assert lines[2].split()[-2:] == ["0.100", "0.700"]

@@ -12,12 +12,13 @@ import pytest
 import torch
 from segment_anything import sam_model_registry
 
-import convert_weights
+from sam_jax import convert_weights
 from sam_jax.build import VARIANTS
 from tests.reference import reference_sam, save_and_convert
 from tests.test_sam_vs_reference import end_to_end
 
 FULL_1024 = os.environ.get("SAM_JAX_FULL_1024") == "1"
+pytestmark = pytest.mark.slow  # full-size models
 
 
 def _reference(variant, image_size):

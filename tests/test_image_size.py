@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam_jax.build import image_size_hw
 from sam_jax.checkpoint import load_sam
 from tests.conftest import assert_close_rel
 from tests.reference import reference_sam, save_and_convert
@@ -18,7 +19,8 @@ def converted(tmp_path_factory):
   return ref, save_and_convert(ref, tmp_path_factory.mktemp("size"))[1]
 
 
-@pytest.mark.parametrize("size", [128, (128, 192), 384])
+@pytest.mark.parametrize("size", [pytest.param(128, marks=pytest.mark.slow), (128, 192),
+                                  pytest.param(384, marks=pytest.mark.slow)])
 def test_encoder_at_another_size_matches_reference_runtime_resizing(converted, size):
   """Ours resizes the tables at load time; the reference resizes them at run time.
 
@@ -27,7 +29,7 @@ def test_encoder_at_another_size_matches_reference_runtime_resizing(converted, s
   """
   ref, directory = converted
   model, params = load_sam(directory, image_size=size)
-  h, w = (size, size) if isinstance(size, int) else size
+  h, w = image_size_hw(size)
   assert model.image_size == (h, w)
   pos = params["image_encoder"]["pos_embed"]
   assert pos.shape == (1, h // 16, w // 16, 64)

@@ -150,6 +150,7 @@ def test_mask_decoder(small, multimask, case):
   assert_close_abs(iou, iou_ref.numpy(), LOGIT_ABS, "IoU predictions")
 
 
+@pytest.mark.slow
 def test_padding_tokens_change_nothing(small):
   """Prompts padded with PADDING labels give the unpadded prompts' masks."""
   _, model, variables = small

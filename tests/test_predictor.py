@@ -9,7 +9,6 @@ from segment_anything.utils.transforms import ResizeLongestSide as ReferenceResi
 
 from sam_jax.predictor import TRACE_COUNTS, ImageNotSetError, SamPredictor, bucket
 from sam_jax.transforms import ResizeLongestSide
-from tests.reference import reference_sam, save_and_convert
 
 IMAGE_SIZE = 256
 
@@ -24,11 +23,10 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_sam):
   """A small randomised reference and its conversion (shared: compiling is the cost)."""
-  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                      image_size=IMAGE_SIZE, window_size=7, decoder_mlp_dim=256, seed=3)
-  _, _, model, params = save_and_convert(ref, tmp_path_factory.mktemp("ckpt"))
+  ref, _, model, params = tiny_sam
+  assert model.image_size == (IMAGE_SIZE, IMAGE_SIZE)
   return ref, model, params
 
 
@@ -186,6 +184,7 @@ def test_predict_batch_of_point_sets_equals_one_by_one(predictors, chelsea_set):
     assert np.mean(masks[i] == one[0]) >= 0.9999
 
 
+@pytest.mark.slow
 def test_set_image_batch_matches_single_images(models):
   ref_model, model, params = models
   images = [skimage.data.chelsea(), np.ascontiguousarray(skimage.data.astronaut()[::2, ::3])]

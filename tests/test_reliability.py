@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import convert_weights
 from sam_jax import amg as amg_cli
+from sam_jax import convert_weights
 from sam_jax import predict as predict_cli
 from sam_jax.checkpoint import CheckpointError, load_manifest, load_sam, verify_checksums
 from tests.reference import reference_sam, save_and_convert

@@ -57,16 +57,19 @@ def small(tmp_path_factory):
   return (ref, *save_and_convert(ref, tmp_path_factory.mktemp("e2e"))[2:])
 
 
-@pytest.mark.parametrize("input_hw,original_hw", [
-    ((256, 256), (256, 256)),
-    ((256, 176), (700, 481)),   # portrait, upscaled back
-    ((144, 256), (90, 160)),    # landscape, downscaled back
+@pytest.mark.parametrize("input_hw,original_hw,multimask", [
+    pytest.param((256, 256), (256, 256), True, marks=pytest.mark.slow),
+    pytest.param((256, 256), (256, 256), False, marks=pytest.mark.slow),
+    ((256, 176), (700, 481), True),   # portrait, upscaled back
+    pytest.param((256, 176), (700, 481), False, marks=pytest.mark.slow),
+    pytest.param((144, 256), (90, 160), True, marks=pytest.mark.slow),  # landscape, downscaled
+    pytest.param((144, 256), (90, 160), False, marks=pytest.mark.slow),
 ])
-@pytest.mark.parametrize("multimask", [True, False])
 def test_end_to_end_small(small, input_hw, original_hw, multimask):
   end_to_end(*small, input_hw, original_hw, "small", multimask=multimask)
 
 
+@pytest.mark.slow
 def test_non_square_model(tmp_path):
   """A model built for a non-square input (224 x 320): the grid is 14 x 20 tokens,
   not a multiple of the window (7) in width, with non-square global tables."""
@@ -89,6 +92,7 @@ def test_non_square_model(tmp_path):
                    "image embeddings (non-square model)")
 
 
+@pytest.mark.slow
 def test_batch_of_images_and_prompts(small):
   """Two images with three prompts each equal the images run one at a time."""
   _, model, params = small

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sam_jax.train import demo_data, embedding_cache, tensorboard, trainer
-from tests.test_train_loop import tiny_config
+from tests.conftest import tiny_train_config
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 def small_config(tmp_path):
   """Frozen encoder, one decoder layer, two prompt rounds, 8 shared examples: two compiles."""
-  c = tiny_config()
+  c = tiny_train_config()
   c.freeze = "frozen_image_encoder"
   c.model.mask_decoder.transformer_depth = 1
   c.prompts.num_rounds, c.prompts.num_no_point_rounds = 2, 1
@@ -35,6 +35,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cached_embeddings_reproduce_the_frozen_encoder_run(tmp_path, capsys):
   config = small_config(tmp_path)
   config.tensorboard = True
@@ -102,3 +103,15 @@ def test_the_cache_refuses_a_training_encoder(tmp_path):
   with pytest.raises(ValueError, match="needs a frozen image encoder"):
     trainer.train_and_evaluate(config, str(tmp_path / "full"))
   assert not os.path.exists(tmp_path / "full" / "embeddings")
+
+
+def test_what_is_frozen_decides_whether_embeddings_can_be_cached():
+  config = tiny_train_config()
+  config.cache_embeddings = True
+  for freeze in ("frozen_image_encoder", "decoder_only", "image_encoder/.*"):
+    config.freeze = freeze
+    embedding_cache.check_config(config, config.model)  # the whole encoder is frozen
+  for freeze in ("full", "image_encoder/blocks_0/.*", "prompt_encoder/.*"):
+    config.freeze = freeze
+    with pytest.raises(ValueError, match="needs a frozen image encoder"):
+      embedding_cache.check_config(config, config.model)

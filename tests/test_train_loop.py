@@ -8,48 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
 from sam_jax.checkpoint import load_sam
 from sam_jax.train import trainer
+from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-
-def tiny_config():
-  """A model of a few thousand parameters on 64-pixel images; no evaluation."""
-  c = demo.get_config("quick")
-  m = c.model
-  m.image_size = 64
-  m.prompt_embed_dim = 32
-  m.image_encoder.update(dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, window_size=2,
-                              global_attn_indexes=(1,)))
-  m.mask_decoder.update(dict(iou_head_hidden_dim=32, transformer_mlp_dim=64,
-                             transformer_num_heads=2))
-  c.data.generate.update(dict(num_train=12, num_eval=4, size=64, max_shapes=4))
-  c.data.max_masks = 2
-  c.batch_size = 4
-  c.prompts.num_rounds = 3
-  c.prompts.num_no_point_rounds = 1
-  c.eval.num_images = 0
-  c.total_steps, c.log_every, c.checkpoint_every = 4, 1, 2
-  c.optim.warmup_steps = 1
-  c.export = False
-  return c
-
-
-def fake_batch(config, batch_size):
-  """A deterministic batch: random images, rectangle masks on the low-res grid."""
-  s = config.model.image_size
-  low = 4 * s // config.model.image_encoder.patch_size
-  n = config.data.max_masks
-  rng = np.random.default_rng(0)
-  masks = np.zeros((batch_size, n, low, low), np.uint8)
-  for i in range(batch_size):
-    for j in range(n):
-      y, x = rng.integers(0, low // 2, 2)
-      masks[i, j, y:y + low // 3, x:x + low // 4] = 1
-  return dict(images=rng.uniform(0, 255, (batch_size, s, s, 3)).astype(np.float32),
-              masks=masks, valid=np.ones((batch_size, n), bool))
 
 
 def _metrics(workdir):
@@ -57,8 +20,9 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
-  config = tiny_config()
+  config = tiny_train_config()
   config.export = True
   full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
   trainer.train_and_evaluate(config, str(tmp_path / "cut"), stop_at=2)
@@ -83,8 +47,9 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
                exported, jax.device_get(full["state"]["params"]))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  config = tiny_config()  # the resume test's program: one compilation serves both
+  config = tiny_train_config()  # the resume test's program: one compilation serves both
   config.total_steps, config.checkpoint_every = 5, 1
   clean = trainer.data_lib.train_batches
 

@@ -11,49 +11,42 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
+import pytest
 
 from sam_jax.build import build_sam
 from sam_jax.checkpoint import abstract_params, load_sam, save_sam
-from tests.test_train_loop import tiny_config
-from tests.test_train_sharding import FAST_COMPILE_FLAGS, ROOT
-
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import jax
-    process_id, port, workdir, model_init = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
-    if process_id >= 0:
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                                 initialization_timeout=120)
-    from sam_jax.train import trainer
-    from tests.test_train_multiprocess import small_config
-    assert jax.device_count() == 4 and jax.local_device_count() == (2 if process_id >= 0 else 4)
-    config = small_config()
-    config.model_init = model_init  # read by every process
-    summary = trainer.train_and_evaluate(config, workdir)
-    spec = summary["state"]["params"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"].sharding
-    assert tuple(spec.spec) == ("fsdp", "tensor"), spec
-    assert spec.is_fully_addressable == (process_id < 0), spec  # split over both processes
-    print("LOSSES", json.dumps(summary["losses"]), flush=True)
-""")
+from sam_jax.train import trainer
+from tests.conftest import FAST_COMPILE_FLAGS, ROOT, one_block_train_config
 
 
 def small_config():
-  """tiny_config with one encoder block, one decoder layer and one prompt round (fast
-  compiles), two steps, a checkpoint at step 2 and an export, on a (1, 2, 2) mesh."""
-  config = tiny_config()
+  """one_block_train_config, two steps, a checkpoint at step 2 and an export, on a
+  (1, 2, 2) mesh."""
+  config = one_block_train_config()
   config.mesh_shape = (1, 2, 2)  # fsdp across the two processes, tensor within each
-  config.model.image_encoder.update(dict(depth=1, global_attn_indexes=()))
-  config.model.mask_decoder.transformer_depth = 1
-  config.prompts.num_rounds = 1
   config.total_steps, config.checkpoint_every = 2, 2
   config.export = True
   return config
+
+
+def worker(process_id: int, port: int, workdir: str, model_init: str) -> None:
+  """One process of the run (`process_id` -1: the single process with all 4 devices)."""
+  if process_id >= 0:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=120)
+  assert jax.device_count() == 4 and jax.local_device_count() == (2 if process_id >= 0 else 4)
+  config = small_config()
+  config.model_init = model_init  # read by every process
+  summary = trainer.train_and_evaluate(config, workdir)
+  spec = summary["state"]["params"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"].sharding
+  assert tuple(spec.spec) == ("fsdp", "tensor"), spec
+  assert spec.is_fully_addressable == (process_id < 0), spec  # split over both processes
+  print("LOSSES", json.dumps(summary["losses"]), flush=True)
 
 
 def _write_model_init(directory: str) -> None:
@@ -82,6 +75,7 @@ def _losses(stdout: str) -> dict:
   return json.loads(line[0][len("LOSSES "):])
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   model_init = str(tmp_path / "model_init")
@@ -94,7 +88,8 @@ def test_two_processes_train_like_one(tmp_path):
                    f"{FAST_COMPILE_FLAGS}")
     with open(tmp_path / f"{name}.log", "w") as log:
       runs[name] = subprocess.Popen(
-          [sys.executable, "-c", SCRIPT, str(pid), str(port), str(workdir), model_init],
+          [sys.executable, "-m", "tests.test_train_multiprocess", str(pid), str(port),
+           str(workdir), model_init],
           cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT)
   try:  # until all have finished, one has failed (its peer would wait) or 5 minutes
     deadline = time.time() + 300
@@ -145,3 +140,7 @@ def _flatten(tree, prefix=""):
       yield from _flatten(tree[k], f"{prefix}/{k}")
   else:
     yield prefix, np.asarray(tree)
+
+
+if __name__ == "__main__":
+  worker(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

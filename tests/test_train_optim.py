@@ -1,4 +1,7 @@
-"""Optimizer: schedule, freezing options, frozen buffer, layer-wise lr decay, weight-decay mask."""
+"""Optimizer: schedule, parameter groups by regex (freezing, lr and weight-decay
+multipliers), the frozen buffer, layer-wise lr decay."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,16 +10,16 @@ import pytest
 
 from sam_jax.build import build_sam
 from sam_jax.checkpoint import abstract_params
-from sam_jax.train import optim
-from tests.test_train_loop import tiny_config
+from sam_jax.train import optim, param_groups
+from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-def _setup(freeze, layer_decay=0.5):
-  config = tiny_config()
+def _setup(freeze, layer_decay=0.5, **optim_fields):
+  config = tiny_train_config()
   config.optim.update(dict(lr=1e-2, warmup_steps=10, decay_steps=(20, 30), decay_factor=0.1,
-                           layer_decay=layer_decay, grad_clip=0.0))
+                           layer_decay=layer_decay, grad_clip=0.0, **optim_fields))
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype),
                         abstract_params(build_sam(config.model)))
   tx, schedule = optim.make_optimizer(config.optim, params, config.model.image_encoder.depth,
@@ -30,18 +33,85 @@ def test_schedule_warmup_then_step_decay():
   np.testing.assert_allclose(got, [0, 5e-3, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-5)
 
 
-def test_freezing_options_and_frozen_buffer():
+def _frozen_names(params, freeze):
+  flat = jax.tree_util.tree_flatten_with_path(param_groups.frozen_mask(params, freeze))[0]
+  return {param_groups.path_name(p) for p, frozen in flat if frozen}
+
+
+def test_freezing_presets_and_frozen_buffer():
+  params, _, _ = _setup("full")
+  names = param_groups.path_names(params)
+  buffer = "prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"
   for freeze, trained in (("full", {"image_encoder", "prompt_encoder", "mask_decoder"}),
                           ("frozen_image_encoder", {"prompt_encoder", "mask_decoder"}),
                           ("decoder_only", {"mask_decoder"})):
-    params, _, _ = _setup(freeze)
-    labels = jax.tree_util.tree_flatten_with_path(optim.trainable_labels(params, freeze))[0]
-    for path, label in labels:
-      names = [p.key for p in path]
-      expect = names[0] in trained and names[-1] != "positional_encoding_gaussian_matrix"
-      assert (label == "train") == expect, (freeze, names)
+    want = {n for n in names if n.split("/")[0] not in trained} | {buffer}
+    assert _frozen_names(params, freeze) == want, freeze
+    # A preset inside a list expands too, and its patterns are the same.
+    assert _frozen_names(params, [freeze]) == want
+    assert _frozen_names(params, param_groups.FREEZE_PRESETS[freeze]) == want
 
 
+def test_freezing_by_regex():
+  params, _, _ = _setup("full")
+  frozen = _frozen_names(params, "prompt_encoder/.*")
+  assert frozen == {n for n in param_groups.path_names(params) if n.startswith("prompt_encoder/")}
+  # Patterns match whole paths; a list freezes the union.
+  frozen = _frozen_names(params, ("image_encoder/blocks_0/.*", ".*/neck_3/bias"))
+  assert "image_encoder/neck_3/bias" in frozen and "image_encoder/neck_3/scale" not in frozen
+  assert all(n.startswith("image_encoder/blocks_0/") for n in frozen
+             if n.startswith("image_encoder/") and "neck" not in n)
+  assert "image_encoder/blocks_1/attn/qkv/kernel" not in frozen
+
+
+@pytest.mark.parametrize("freeze,match", [
+    ("prompt_encodr/.*", r"pattern 'prompt_encodr/\.\*' matches no parameter"),
+    ("frozen_image_encodr", "presets: .*frozen_image_encoder.*matches no parameter"),
+    ("prompt_encoder", "matches no parameter"),  # a prefix is not a whole path
+    ("image_encoder/(.*", r"'image_encoder/\(\.\*' is not a valid regular expression"),
+])
+def test_bad_freeze_patterns_are_clear_errors(freeze, match):
+  params, _, _ = _setup("full")
+  with pytest.raises(ValueError, match=match):
+    optim.make_optimizer(tiny_train_config().optim, params, 2, freeze)
+
+
+def test_bad_multiplier_patterns_are_clear_errors():
+  with pytest.raises(ValueError, match="config.optim.lr_mults.*'decoder/.*' matches no"):
+    _setup("full", lr_mults=(("decoder/.*", 0.1),))
+  with pytest.raises(ValueError, match="config.optim.wd_mults.*not a .pattern, multiplier. pair"):
+    _setup("full", wd_mults=((".*/kernel",),))
+
+
+def test_lr_and_weight_decay_multipliers():
+  """lr_mults scale the whole step of their group (after layer decay); wd_mults set
+  which parameters decay and how much; the first matching pattern wins."""
+  grads = None
+  steps = {}
+  for name, fields in (("plain", {}),
+                       ("mults", dict(lr_mults=(("mask_decoder/iou_prediction_head/.*", 0.25),
+                                                ("mask_decoder/.*", 0.5)),
+                                      wd_mults=((".*/iou_token/.*", 2.0), (".*/kernel", 1.0))))):
+    params, tx, _ = _setup("full", layer_decay=1.0, weight_decay=0.1, **fields)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+    steps[name] = updates["mask_decoder"]
+  plain, mults = steps["plain"], steps["mults"]
+  head = ("iou_prediction_head", "layers_0", "bias")
+  get = lambda tree, path: np.asarray(functools.reduce(lambda t, k: t[k], path, tree))  # noqa: E731
+  np.testing.assert_allclose(get(mults, head), 0.25 * get(plain, head), rtol=1e-6)
+  up = ("output_upscaling_0", "bias")
+  np.testing.assert_allclose(get(mults, up), 0.5 * get(plain, up), rtol=1e-6)
+  # The iou token's embedding now decays (ones: the decay term is lr * 0.1 * 2 * 1 more).
+  token = ("iou_token", "embedding")
+  lr = 1e-2 * 2 / 10  # the warmup's lr at the third update (count 2)
+  np.testing.assert_allclose(get(mults, token) - 0.5 * get(plain, token), -0.5 * lr * 0.2,
+                             rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_frozen_parameters_get_no_update_and_layer_decay_scales():
   params, tx, _ = _setup("frozen_image_encoder")
   state = tx.init(params)
@@ -70,10 +140,36 @@ def test_frozen_parameters_get_no_update_and_layer_decay_scales():
   assert np.ptp(b1) == 0 and np.ptp(dec) == 0
 
 
-def test_weight_decay_mask():
+def test_default_weight_decay_is_on_kernels_only():
   params, _, _ = _setup("full")
-  mask = optim.weight_decay_mask(params)
-  assert mask["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"]
-  assert not mask["image_encoder"]["blocks_0"]["attn"]["qkv"]["bias"]
-  assert not mask["image_encoder"]["pos_embed"]
-  assert not mask["mask_decoder"]["iou_token"]["embedding"]
+  mults = optim.weight_decay_mults(params, tiny_train_config().optim)
+  assert mults["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"] == 1.0
+  assert mults["image_encoder"]["blocks_0"]["attn"]["qkv"]["bias"] == 0.0
+  assert mults["image_encoder"]["pos_embed"] == 0.0
+  assert mults["mask_decoder"]["iou_token"]["embedding"] == 0.0
+
+
+@pytest.mark.slow  # a training step's compile; the default tier has test_train_recipe's
+def test_freezing_the_prompt_encoder_by_regex_leaves_it_unchanged():
+  """The ablation of docs/ablations.md: `config.freeze='prompt_encoder/.*'`, one real
+  training step (on precomputed embeddings, to keep it small)."""
+  from sam_jax.checkpoint import init_params
+  from sam_jax.train import trainer
+  from tests.conftest import fake_batch
+  config = tiny_train_config()
+  config.freeze = "prompt_encoder/.*"
+  config.model.mask_decoder.transformer_depth = 1
+  config.prompts.num_rounds, config.prompts.num_no_point_rounds = 2, 1
+  t = trainer.Trainer(config)
+  before = init_params(t.model, jax.random.key(0))
+  batch = {k: v for k, v in fake_batch(config, 4).items() if k != "images"}
+  batch["embeddings"] = np.random.RandomState(0).randn(4, 4, 4, 32).astype(np.float32)
+  state = t.init_state(before)
+  for _ in range(2):  # past step 0, where the warmup lr is 0
+    state, metrics = t.train_step(state, batch)
+  after = jax.device_get(state["params"])
+  assert np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, after["prompt_encoder"], before["prompt_encoder"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                       after["mask_decoder"], before["mask_decoder"]))
+  assert sum(moved) > 0.9 * len(moved)  # the decoder trains

@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import pytest
 
 from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
 from sam_jax.train import losses, prompts, recipe
@@ -113,19 +113,92 @@ def test_focal_and_dice_match_numpy():
   assert np.isfinite(big).all()
 
 
+PAPER_LOSS = dict(focal=20.0, dice=1.0, iou_mse=1.0)
+PAPER_PARAMS = dict(focal=dict(alpha=0.25, gamma=2.0))
+
+
 def test_mask_losses_ratio_and_iou_target():
-  cfg = ml_collections.ConfigDict(dict(focal_weight=20.0, dice_weight=1.0, focal_alpha=0.25,
-                                       focal_gamma=2.0))
   gt = np.zeros((1, 8, 8), bool)
   gt[0, :4] = True
   logits = np.full((1, 2, 8, 8), -5.0)
   logits[0, 0, :4] = 5.0  # perfect
   logits[0, 1, :2] = 5.0  # half
-  total, focal, dice, iou_mse, true_iou = losses.mask_losses(
-      jnp.asarray(logits), jnp.asarray(gt), jnp.array([[1.0, 0.0]]), cfg)
-  np.testing.assert_allclose(true_iou, [[1.0, 0.5]])
-  np.testing.assert_allclose(iou_mse, [[0.0, 0.25]])
-  np.testing.assert_allclose(total, 20 * np.asarray(focal) + np.asarray(dice), rtol=1e-6)
+  terms = losses.mask_losses(jnp.asarray(logits), jnp.asarray(gt), jnp.array([[1.0, 0.0]]),
+                             PAPER_LOSS, PAPER_PARAMS)
+  assert sorted(terms) == ["dice", "focal", "iou_mse", "mask_loss", "true_iou"]
+  np.testing.assert_allclose(terms["true_iou"], [[1.0, 0.5]])
+  np.testing.assert_allclose(terms["iou_mse"], [[0.0, 0.25]])
+  np.testing.assert_allclose(terms["mask_loss"],
+                             20 * np.asarray(terms["focal"]) + np.asarray(terms["dice"]),
+                             rtol=1e-6)
+  # loss_params reach their term; a zero weight keeps the term out of the sum.
+  other = losses.mask_losses(jnp.asarray(logits), jnp.asarray(gt), jnp.array([[1.0, 0.0]]),
+                             dict(focal=20.0, dice=0.0), dict(focal=dict(gamma=0.0)))
+  assert not np.allclose(other["focal"], terms["focal"])
+  np.testing.assert_allclose(other["mask_loss"], 20 * np.asarray(other["focal"]), rtol=1e-6)
+
+
+def test_unknown_loss_terms_are_clear_errors():
+  with pytest.raises(ValueError, match=r"unknown loss terms \['focl'\]; the known terms are "
+                                       r"\['bce', 'dice', 'focal', 'iou_mse'\]"):
+    losses.check_config(dict(focl=20.0, dice=1.0))
+  with pytest.raises(ValueError, match=r"config.loss_params names unknown loss terms \['dic'\]"):
+    losses.check_config(PAPER_LOSS, dict(dic=dict(smooth=0.0)))
+  with pytest.raises(ValueError, match="gives no mask term a weight"):
+    losses.check_config(dict(focal=0.0, iou_mse=1.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_step():
+  """A tiny model's loss and gradients on precomputed embeddings (no encoder pass)."""
+  from sam_jax.build import build_sam
+  from sam_jax.checkpoint import init_params
+  from tests.conftest import fake_batch, tiny_train_config
+  config = tiny_train_config()
+  config.model.mask_decoder.transformer_depth = 1
+  config.prompts.num_rounds, config.prompts.num_no_point_rounds = 2, 1
+  model = build_sam(config.model)
+  params = init_params(model, jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in fake_batch(config, 2).items() if k != "images"}
+  batch["embeddings"] = jax.random.normal(jax.random.key(1), (2, 4, 4, 32))
+
+  def step(loss, freeze="full"):
+    c = config.copy_and_resolve_references()
+    with c.ignore_type():
+      c.loss, c.freeze = loss, freeze
+    fn = lambda p: recipe.simulate(p, model, batch, jax.random.key(2), c)  # noqa: E731
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+  return step
+
+
+@pytest.mark.usefixtures("fast_compiles")
+def test_a_zero_weighted_loss_term_changes_nothing(tiny_step):
+  (loss, metrics), grads = tiny_step(PAPER_LOSS)
+  (loss0, metrics0), grads0 = tiny_step(dict(PAPER_LOSS, bce=0.0))
+  assert float(metrics0["bce"]) > 0  # computed and logged ...
+  assert float(loss0) == float(loss)  # ... but not trained on
+  jax.tree.map(np.testing.assert_array_equal, grads0, grads)
+  # Metrics keep their names: the loss, each term, the per-round IoU.
+  assert {"loss", "mask_loss", "focal", "dice", "iou_mse", "iou_per_round",
+          "num_masks"} <= set(metrics)
+
+
+@pytest.mark.slow  # two more compiles of the step
+@pytest.mark.usefixtures("fast_compiles")
+def test_weighting_a_term_zero_is_training_without_it(tiny_step):
+  (loss, _), _ = tiny_step(PAPER_LOSS)
+  (no_dice, _), g1 = tiny_step(dict(focal=20.0, iou_mse=1.0))
+  (zero_dice, _), g2 = tiny_step(dict(focal=20.0, dice=0.0, iou_mse=1.0))
+  assert float(no_dice) == float(zero_dice) != float(loss)
+  jax.tree.map(np.testing.assert_array_equal, g1, g2)
+
+
+@pytest.mark.usefixtures("fast_compiles")
+def test_frozen_parameters_get_no_gradient(tiny_step):
+  _, grads = tiny_step(PAPER_LOSS, freeze="prompt_encoder/.*|mask_decoder/transformer/.*")
+  for part in (grads["prompt_encoder"], grads["mask_decoder"]["transformer"]):
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(part))
+  assert np.any(np.asarray(grads["mask_decoder"]["iou_token"]["embedding"]))
 
 
 def test_select_best_picks_the_minimum():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sam_jax.train import demo_data, trainer
-from tests.test_train_loop import tiny_config
+from tests.conftest import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -68,11 +68,11 @@ def test_a_mostly_corrupt_dataset_stops_the_run(tmp_path):
 def test_an_unwritable_checkpoint_folder_fails_before_the_first_step(tmp_path):
   os.symlink("/proc/self/fdinfo", tmp_path / "checkpoints")  # unwritable, even for root
   with pytest.raises(trainer.CheckpointSaveError, match="Cannot write checkpoints to .*checkpoints"):
-    trainer.checkpoint_manager(str(tmp_path), tiny_config(), check_writable=True)
+    trainer.checkpoint_manager(str(tmp_path), tiny_train_config(), check_writable=True)
 
 
 def test_a_failed_save_raises_at_once_with_the_step_and_path(tmp_path):
-  mgr = trainer.checkpoint_manager(str(tmp_path), tiny_config(), check_writable=True)
+  mgr = trainer.checkpoint_manager(str(tmp_path), tiny_train_config(), check_writable=True)
   state = dict(x=np.zeros(3, np.float32))
   trainer.save_checkpoint(mgr, 1, state, dict(step=1, data_step=1))
   mgr.wait_until_finished()
@@ -113,7 +113,7 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(tmp_path, capsys):
-  config = tiny_config()
+  config = tiny_train_config()
   workdir = str(tmp_path)
   full = trainer.train_and_evaluate(config, workdir)
   assert [r["step"] for r in _metrics(workdir)] == [1, 2, 3, 4]
@@ -133,7 +133,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(tmp
 @pytest.mark.slow
 def test_nan_stop_names_a_checkpoint_that_resumes(tmp_path):
   """lr=1e6 used to keep a diverged step 2 (parameter norm 2.2e8) as 'the last good one'."""
-  config = tiny_config()
+  config = tiny_train_config()
   config.checkpoint_every, config.total_steps = 1, 4
   config.optim.lr = 1e6  # the warmup's first step has lr 0: step 1 is good, step 2 diverges
   with pytest.raises(trainer.NonFiniteLossError) as stop:
@@ -160,7 +160,7 @@ def test_training_on_all_corrupt_data_stops_with_a_clear_error(tmp_path):
     for a in record["annotations"]:
       a["segmentation"] = dict(size=a["segmentation"]["size"], counts=[5, 10, 3])
     p.write_text(json.dumps(record))
-  config = tiny_config()
+  config = tiny_train_config()
   config.data.generate = None
   config.data.train_dir = str(folder)
   config.data.max_empty_batches = 0

@@ -1,6 +1,6 @@
 """Building blocks shared by the three SAM components."""
 
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -35,9 +35,14 @@ class MLPBlock(nn.Module):
   mlp_dim: int
   act: Callable = gelu
   dtype: jnp.dtype = jnp.float32
+  # Logical axis names of the hidden activation (e.g. ("batch", None, None,
+  # "mlp")), for tensor parallelism under a mesh; None leaves it to XLA.
+  hidden_names: Optional[Tuple[Optional[str], ...]] = None
 
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="lin1")(x)
+    if self.hidden_names is not None:
+      x = nn.with_logical_constraint(x, self.hidden_names)
     return nn.Dense(dim, dtype=self.dtype, name="lin2")(self.act(x))

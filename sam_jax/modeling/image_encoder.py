@@ -4,10 +4,14 @@ Channels are last throughout: images are (B, H, W, 3), tokens (B, h, w, C) and
 the output embedding (B, h, w, out_chans).
 """
 
+import contextlib
+import contextvars
+import functools
 from typing import Optional, Sequence, Tuple
 
 import einops
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,21 +193,179 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[ja
   return out[..., :d]
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                     rel_w: Optional[jax.Array], k_size: Tuple[int, int],
+                     interpret: Optional[bool] = None) -> jax.Array:
+  """`_attend` through Pallas' splash (flash) attention on TPU; q, k, v (B, N, heads, d), q scaled.
+
+  As `cudnn_attention`, the bias is folded into q and k (no (heads, N, N)
+  scores are stored) and the widened head zero-padded, here to the TPU's 128
+  lanes. N must be a multiple of 128 (a 64x64 grid is). Inside a mesh, the
+  kernel (an opaque custom call to the SPMD partitioner) runs per shard under
+  `shard_map`: batch over (data, fsdp), heads over tensor. `interpret` runs
+  the kernel's Python semantics on any backend (the CPU parity test); by
+  default, wherever the target is not a TPU.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, n, heads, d = q.shape
+  interpret = target_platform() != "tpu" if interpret is None else interpret
+  if n % 128:
+    raise ValueError(f"splash attention needs a multiple of 128 tokens, got {n}; use 'xla'.")
+  if rel_h is not None:
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
+  width = -(-q.shape[-1] // 128) * 128
+  # (B, N, heads, d') -> (B, heads, N, width), the kernel's layout.
+  prep = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)).transpose(  # noqa: E731
+      0, 2, 1, 3)
+  q, k, v = prep(q), prep(k), prep(v)
+
+  def attend(q, k, v):
+    mask = masks.MultiHeadMask([masks.FullMask((n, n))] * q.shape[1])
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(kernel)(q, k, v)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and set(mesh.axis_names) >= {"data", "fsdp", "tensor"}:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec = jax.P(("data", "fsdp") if b % ways == 0 else None,
+                 "tensor" if heads % mesh.shape["tensor"] == 0 else None)
+    attend = jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  return attend(q, k, v).transpose(0, 2, 1, 3)[..., :d]
 
 
-def resolve_attention(implementation: str, dtype) -> str:
-  """"auto": cuDNN flash attention on GPUs in half precision, XLA otherwise."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {implementation!r}; choose one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}.")
+# The platform the model is traced for when it differs from the host's, as when
+# compiling for abstract TPU devices on a CPU machine (sam_jax.train.compile_report).
+_TARGET_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within: the attention choices are those of `platform` ("tpu", "gpu", "cpu")."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform being compiled for: `compiling_for`'s, else JAX's default backend."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                  rel_w: Optional[jax.Array], k_size: Tuple[int, int], fold: bool = False,
+                  query_chunk: int = 0) -> jax.Array:
+  """`_attend` through XLA, one head at a time; q, k, v are (B, N, heads, d), q scaled.
+
+  `fold`: the bias as kh + kw more columns of q k^T (`fold_rel_pos`) rather than
+  added in the softmax's fusion. `query_chunk`: `chunked_attention`'s chunk (0: none).
+  """
+  if fold and rel_h is not None:
+    q, k = fold_rel_pos(q, k, rel_h, rel_w, k_size)
+    rel_h = rel_w = None
+  if not query_chunk:
+    # (B, heads, N, d): heads stay their own axis, so a tensor-parallel split of
+    # them needs no resharding (merged with the batch, they would).
+    swap = lambda t: None if t is None else jnp.swapaxes(t, 1, 2)  # noqa: E731
+    return swap(_attend(*map(swap, (q, k, v, rel_h, rel_w)), k_size))
+  def heads_first(t):
+    return None if t is None else einops.rearrange(t, "b l n d -> (b n) l d")
+  out = chunked_attention(*map(heads_first, (q, k, v, rel_h, rel_w)), k_size, query_chunk)
+  return einops.rearrange(out, "(b n) l d -> b l n d", b=q.shape[0])
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                    rel_w: Optional[jax.Array], k_size: Tuple[int, int]) -> jax.Array:
+  """The reference's formula: the (heads, N, N) bias materialised, then a plain softmax."""
+  scores = jnp.einsum("bqnd,bknd->bnqk", q, k)
+  if rel_h is not None:
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, N, heads, kh, kw)
+    scores = scores + einops.rearrange(bias, "b q n kh kw -> b n q (kh kw)")
+  p = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqk,bknd->bqnd", p, v)
+
+
+# Queries per chunk of the "*_chunked" implementations.
+QUERY_CHUNK = 256
+
+# The image encoder's attention functions by name, as `attention_fn` in Flax's
+# MultiHeadDotProductAttention: f(q, k, v, rel_h, rel_w, k_size) -> (B, N, heads, d)
+# with q, k, v (B, N, heads, d), q already scaled, and rel_h (B, N, heads, kh),
+# rel_w (B, N, heads, kw) the decomposed relative-position bias (or None).
+ATTENTION_FNS = {
+    "xla": xla_attention,  # every query at once, the bias added in the softmax's fusion
+    "xla_chunked": functools.partial(xla_attention, query_chunk=QUERY_CHUNK),
+    "xla_folded": functools.partial(xla_attention, fold=True),
+    "xla_folded_chunked": functools.partial(xla_attention, fold=True, query_chunk=QUERY_CHUNK),
+    "cudnn": cudnn_attention,  # flash attention; GPU, half precision
+    "splash": splash_attention,  # Pallas flash attention; TPU, N a multiple of 128
+    "dense": dense_attention,
+}
+
+
+def resolve_attention(name: str, dtype, k_size: Optional[Tuple[int, int]] = None,
+                      head_dim: Optional[int] = None, use_rel_pos: bool = True,
+                      backend: Optional[str] = None, query_chunk: int = QUERY_CHUNK) -> str:
+  """The name in `ATTENTION_FNS` that `name` stands for; "auto" picks by backend:
+
+  - a GPU in half precision: "cudnn";
+  - a CPU: the bias folded into q k^T when that adds at most head_dim columns (a
+    window's kh + kw; faster on a CPU, BENCHMARKS.md's window fold, while a 64x64
+    grid's 128 columns cost more than they save), and more than `query_chunk`
+    queries scored a chunk at a time, which keeps the (N, N) scores in cache;
+  - a TPU: "splash" for 1024 tokens or more in multiples of 128 (global blocks);
+  - otherwise "xla". Without `k_size` the CPU rules are not applied (a summary).
+  `backend` defaults to the platform compiled for (`compiling_for`), else JAX's default.
+  """
+  if name != "auto" and name not in ATTENTION_FNS:
+    raise ValueError(f"Unknown attention implementation {name!r}; choose one of "
+                     f"{['auto', *ATTENTION_FNS]}.")
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if implementation == "auto":
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-  if implementation == "cudnn" and not half:
+  if name == "cudnn" and not half:
     raise ValueError("attention 'cudnn' (flash attention) needs a bfloat16 or float16 model "
                      "(config.dtype); use 'xla' or 'auto' for float32.")
-  return implementation
+  if name != "auto":
+    return name
+  backend = backend or target_platform()
+  if half and backend == "gpu":
+    return "cudnn"
+  if backend == "tpu" and k_size is not None and (n := k_size[0] * k_size[1]) >= 1024 \
+      and n % 128 == 0:
+    return "splash"
+  if backend != "cpu" or k_size is None:
+    return "xla"
+  fold = use_rel_pos and sum(k_size) <= head_dim
+  chunk = bool(query_chunk) and k_size[0] * k_size[1] > query_chunk
+  return "xla" + ("_folded" if fold else "") + ("_chunked" if chunk else "")
+
+
+class QKV(nn.Module):
+  """`nn.Dense(3 * dim)` (same `kernel` and `bias`) with its output as (B, tokens, 3, heads, d).
+
+  The kernel's columns are (q|k|v) x heads x d, so a contiguous split of them
+  is not a split by heads; the kernel is left whole over the tensor axis
+  (sharding.logical_axes) and each device takes its heads from it, so that
+  tensor parallelism needs no resharding of the activations (Megatron).
+  """
+  num_heads: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, dim = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (dim, 3 * dim))
+    kernel = nn.with_logical_constraint(
+        kernel.reshape(dim, 3, self.num_heads, dim // self.num_heads),
+        (None, None, "heads", None))
+    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    out = jnp.einsum("btc,cknd->btknd", x.reshape(b, h * w, dim), kernel)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (3 * dim,))
+      out = out + bias.reshape(3, self.num_heads, -1).astype(out.dtype)
+    return nn.with_logical_constraint(out, ("batch", "tokens", None, "heads", None))
 
 
 class Attention(nn.Module):
@@ -213,27 +375,22 @@ class Attention(nn.Module):
   input_size: Tuple[int, int] = (14, 14)  # sizes the relative-position tables
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
-  # "xla", "cudnn" (GPU, half precision) or "auto"; see `resolve_attention`.
+  # A name in ATTENTION_FNS, or "auto" (see `resolve_attention`).
   implementation: str = "auto"
-  # With XLA on CPU, grids of more tokens are attended this many queries of
-  # one head at a time (see `chunked_attention`); 0 scores every query at
-  # once, as on accelerators, where the sequential chunks would only cost.
-  # Windows (196 tokens) are never chunked; a 64x64 global grid is.
-  query_chunk: int = 256
+  query_chunk: int = QUERY_CHUNK  # queries per chunk of the "*_chunked" implementations
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, dim = x.shape
     head_dim = dim // self.num_heads
-    implementation = resolve_attention(self.implementation, self.dtype)
-    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-    if implementation == "cudnn":
-      # (B, tokens, heads, d), cuDNN's layout, is a plain reshape of qkv: no transposes.
-      qkv = qkv.reshape(b, h * w, 3, self.num_heads, head_dim)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-      q, k, v = einops.rearrange(
-          qkv, "b h w (three n d) -> three (b n) (h w) d", three=3, n=self.num_heads)
+    name = resolve_attention(self.implementation, self.dtype, (h, w), head_dim,
+                             self.use_rel_pos, query_chunk=self.query_chunk)
+    attention_fn = ATTENTION_FNS[name]
+    if name.endswith("_chunked"):
+      attention_fn = functools.partial(attention_fn, query_chunk=self.query_chunk)
+    # (B, tokens, 3, heads, d); heads split over the tensor axis (Megatron).
+    qkv = QKV(self.num_heads, self.qkv_bias, self.dtype, name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     rel_h = rel_w = None
     if self.use_rel_pos:
       init = nn.initializers.zeros
@@ -242,20 +399,8 @@ class Attention(nn.Module):
       rel_h, rel_w = decomposed_rel_pos_terms(
           q, rel_pos_h.astype(q.dtype), rel_pos_w.astype(q.dtype), (h, w), (h, w))
     q = q * head_dim**-0.5
-    if implementation == "cudnn":
-      x = cudnn_attention(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
-    else:
-      on_cpu = jax.default_backend() == "cpu"
-      if rel_h is not None and sum((h, w)) <= head_dim and on_cpu:
-        # Windows: the bias as kh + kw more columns of one product rather than
-        # added in the softmax's fusion, faster on a CPU (BENCHMARKS.md, the
-        # window fold); a 64x64 grid's 128 columns cost more than they save.
-        # CPU only: not yet measured on an accelerator.
-        q, k = fold_rel_pos(q, k, rel_h, rel_w, (h, w))
-        rel_h = rel_w = None
-      chunk = self.query_chunk if on_cpu else 0
-      x = chunked_attention(q, k, v, rel_h, rel_w, (h, w), chunk)
-      x = einops.rearrange(x, "(b n) (h w) d -> b h w (n d)", b=b, h=h)
+    x = attention_fn(q, k, v, rel_h, rel_w, (h, w)).reshape(b, h, w, dim)
+    x = nn.with_logical_constraint(x, ("batch", "height", "width", "heads"))
     return nn.Dense(dim, dtype=self.dtype, name="proj")(x)
 
 
@@ -269,11 +414,15 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  attention: str = "auto"  # the attention's implementation
+  attention: str = "auto"  # a name in ATTENTION_FNS, or "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
+    # The residual stream: split over the batch only, so the attention's and the
+    # MLP's outputs are reduced over the tensor axis once each (Megatron).
+    residual = ("batch", "height", "width", None)
+    x = nn.with_logical_constraint(x, residual)
     shortcut = x
     x = layer_norm(1e-6, "norm1", self.dtype)(x)
     if self.window_size > 0:
@@ -285,10 +434,11 @@ class Block(nn.Module):
     if self.window_size > 0:
       x = window_unpartition(x, self.window_size, padded_hw, hw)
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
-    x = shortcut + drop(x)
-    y = MLPBlock(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+    x = nn.with_logical_constraint(shortcut + drop(x), residual)
+    y = MLPBlock(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp",
+                 hidden_names=("batch", "height", "width", "mlp"))(
         layer_norm(1e-6, "norm2", self.dtype)(x))
-    return x + drop(y)
+    return nn.with_logical_constraint(x + drop(y), residual)
 
 
 class PatchEmbed(nn.Module):
@@ -321,8 +471,8 @@ class ImageEncoderViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False  # rematerialise each block in the backward pass
   dtype: jnp.dtype = jnp.float32
-  # Attention implementations ("auto", "xla", "cudnn") of the global and the
-  # windowed blocks, which differ in sequence length (4096 and 196 at 1024).
+  # Attention implementations (names in ATTENTION_FNS, or "auto") of the global
+  # and the windowed blocks, which differ in sequence length (4096 and 196 at 1024).
   attention: str = "auto"
   window_attention: str = "auto"
 

@@ -107,7 +107,8 @@ class MaskDecoder(nn.Module):
       dense_prompt_embeddings: (B, P, h, w, C), or (B or 1, 1, h, w, C) when
         every prompt has the same (no mask prompts): then the transformer's
         first image projections are computed once per image, not per prompt.
-      multimask_output: the three ambiguity-aware masks, or the single one.
+      multimask_output: the three ambiguity-aware masks, or the single one
+        (or "all": the single one, then the three).
       sparse_prompt_mask: (B, P, T), False for padding tokens; None means all real.
 
     Returns:
@@ -150,7 +151,9 @@ class MaskDecoder(nn.Module):
     x = gelu(self.output_upscaling_1(x))
     upscaled = gelu(self.output_upscaling_3(x))  # (..., a, e, c, f, C/8)
 
-    keep = slice(1, None) if multimask_output else slice(0, 1)
+    # "all": every token's mask, the single-mask one first (Meta's ONNX decoder returns these).
+    keep = (slice(None) if isinstance(multimask_output, str) and multimask_output == "all"
+            else slice(1, None) if multimask_output else slice(0, 1))
     # Every hypernetwork runs (a few thousand FLOPs each), so that every
     # parameter exists whichever output `init` traces; only the kept masks are made.
     hyper_in = jnp.stack([mlp(mask_tokens_out[..., i, :])

@@ -119,7 +119,8 @@ class Attention(nn.Module):
 
   def contraction(self, q: Side, k: Side, v: Side) -> Tuple[str, str]:
     """The (scores, output) orders with the fewest multiply-adds for these shapes."""
-    nq, nk = _tokens(q), _tokens(k)
+    # A symbolic token count (a shape-polymorphic export) is costed as a few prompt points.
+    nq, nk = (n if isinstance(n, int) else 8 for n in (_tokens(q), _tokens(k)))
     c = self.embedding_dim
     i, heads = c // self.downsample_rate, self.num_heads
     bq, bk, bv = (int(np.prod(_batch_shape(x))) for x in (q, k, v))

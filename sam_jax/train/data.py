@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import queue
-import tempfile
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -37,14 +36,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam_jax.transforms import ResizeLongestSide
+from sam_jax.build import image_size_hw
+from sam_jax.transforms import ResizeLongestSide, Size
 
 Example = Dict[str, np.ndarray]
-Size = Union[int, Tuple[int, int]]
-
-
-def _hw(size: Size) -> Tuple[int, int]:
-  return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _image_decoders():
@@ -197,7 +192,7 @@ class Sa1bExamples:
                pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
                skipped_at_prepare: Optional[Dict[str, str]] = None, description: str = ""):
     self.records = records
-    self.image_hw, self.mask_hw = _hw(image_size), _hw(mask_size)
+    self.image_hw, self.mask_hw = image_size_hw(image_size), image_size_hw(mask_size)
     ratios = (self.mask_hw[0] / self.image_hw[0], self.mask_hw[1] / self.image_hw[1])
     if abs(ratios[0] - ratios[1]) > 1e-9:
       raise ValueError(f"mask size {self.mask_hw} is not image size {self.image_hw} scaled")
@@ -330,23 +325,6 @@ def open_examples(dcfg, split: str, folder: Optional[str], workdir: str, image_s
                       dcfg.get("max_mask_fraction", 0.9), pixel_mean, skipped, what)
 
 
-class Sa1bFolder(Sa1bExamples):
-  """The examples of one SA-1B-layout folder, prepared into TFDS under `data_dir`.
-
-  Without `data_dir`, the prepared copy goes to a shared temporary folder
-  (keyed by the folder's path and contents, so it is reused while they stay).
-  """
-
-  def __init__(self, directory: str, image_size: Size, mask_size: Size, max_masks: int,
-               max_mask_fraction: float = 0.9,
-               pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-               data_dir: Optional[str] = None):
-    data_dir = data_dir or os.path.join(tempfile.gettempdir(), "sam_jax_tfds")
-    records, skipped = folder_records(directory, data_dir)
-    super().__init__(records, image_size, mask_size, max_masks, max_mask_fraction,
-                     pixel_mean, skipped, directory)
-
-
 @functools.lru_cache(maxsize=4)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The seeded permutation of one epoch (cached: a batch reads one or two epochs)."""
@@ -429,8 +407,3 @@ def train_batches(source: Sa1bExamples, global_batch: int, seed: int, start_step
   finally:
     stop.set()
 
-
-def eval_examples(source: Sa1bExamples, num: int, seed: int = 0) -> Example:
-  """The first `num` examples in the source's order, one stacked batch (masks drawn with `seed`)."""
-  idx = np.arange(min(num, len(source)))
-  return load_batch(source, idx, seed, 0)

@@ -1,7 +1,8 @@
 """Image embeddings computed once, for training with a frozen image encoder.
 
-With `config.freeze` 'frozen_image_encoder' or 'decoder_only' the encoder's
-parameters never change, so an image's embedding is the same at every step.
+When `config.freeze` freezes every parameter of the image encoder (the presets
+'frozen_image_encoder' and 'decoder_only' do), the encoder never changes, so an
+image's embedding is the same at every step.
 `config.cache_embeddings = True` computes the embedding of every training
 example once (jitted, a global batch at a time, sharded as the training batch)
 into `.npy` files under WORKDIR/embeddings (or `config.embedding_cache_dir`),
@@ -17,6 +18,8 @@ other data) is deleted and computed again, never used. Layout: process p of P
 writes `part-p-of-P.npy`, holding rows p*L .. (p+1)*L - 1 (L = batch / P) of
 each global batch of examples 0, 1, 2, ...; every process reads all parts, so a
 multi-process run needs the directory on a file system that all its hosts share.
+A build stopped by a preemption notice keeps the batches it computed (its
+`tmp-` parts and their `.json` progress) and the next run continues it.
 """
 
 import concurrent.futures
@@ -32,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.build import build_sam
+from sam_jax.checkpoint import abstract_params
 from sam_jax.modeling.sam import Sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import recipe
+from sam_jax.train import param_groups, preemption
 from sam_jax.train import sharding as shard_lib
 
 FORMAT_VERSION = 1
@@ -43,11 +48,13 @@ META = "meta.json"
 
 def check_config(config, mcfg) -> None:
   """Refuses a cache that could not reproduce the uncached training."""
-  if config.freeze not in recipe.FROZEN_ENCODER:
+  if not param_groups.all_frozen(abstract_params(build_sam(mcfg)), config.freeze,
+                                 "image_encoder"):
     raise ValueError(
-        f"config.cache_embeddings needs a frozen image encoder (config.freeze in "
-        f"{recipe.FROZEN_ENCODER}); with freeze={config.freeze!r} the encoder trains and its "
-        "embeddings change at every step. Set config.cache_embeddings=False.")
+        f"config.cache_embeddings needs a frozen image encoder (config.freeze matching every "
+        f"'image_encoder/...' parameter, e.g. 'frozen_image_encoder'); with "
+        f"freeze={config.freeze!r} the encoder trains and its embeddings change at every step. "
+        "Set config.cache_embeddings=False.")
   if mcfg.image_encoder.get("drop_path_rate", 0.0) > 0:
     raise ValueError(
         f"config.cache_embeddings: the encoder's drop_path_rate is "
@@ -147,7 +154,7 @@ class EmbeddingCache:
 class CachedSource:
   """A training source whose examples carry their cached `embeddings` and no `image`.
 
-  Wraps anything with `__len__` and `load(index, rng)` (data.Sa1bFolder); the
+  Wraps anything with `__len__` and `load(index, rng)` (data.Sa1bExamples); the
   lookup runs in the pipeline's loading threads. Other attributes pass through.
   """
 
@@ -175,6 +182,13 @@ def _read_meta(directory: str) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _write_json(path: str, obj) -> None:
+  """Written whole or not at all (a rename)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 def _clear(directory: str) -> None:
   for name in os.listdir(directory):
     if name == META or name.startswith(("part-", "tmp-")):
@@ -182,12 +196,36 @@ def _clear(directory: str) -> None:
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def _progress_path(directory: str, p: int, count: int) -> str:
+  return os.path.join(directory, f"tmp-{_part_name(p, count)}.json")
+
+
+def _batches_done(directory: str, fp: str, pcount: int, global_batch: int) -> int:
+  """How many batches a stopped build of this cache finished in every process (0: none).
+
+  Every process reads all the progress files, so all decide alike.
+  """
+  done = set()
+  for p in range(pcount):
+    try:
+      with open(_progress_path(directory, p, pcount)) as f:
+        progress = json.load(f)
+    except (OSError, ValueError):
+      return 0
+    if (progress.get("fingerprint"), progress.get("global_batch")) != (fp, global_batch):
+      return 0
+    done.add(progress["batches_done"])
+  return done.pop() if len(done) == 1 else 0
+
+
 def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global_batch: int,
-                  seed: int = 0) -> EmbeddingCache:
+                  seed: int = 0, notice: Optional[preemption.Notice] = None) -> EmbeddingCache:
   """The cache in `directory` if its fingerprint matches, else computed anew.
 
   `params` are the full model parameters (sharded or not); only the image
-  encoder's are used. Every process must call this.
+  encoder's are used. Every process must call this. When `notice` says so the
+  build stops after a batch, keeping what it computed, and raises
+  `preemption.Preempted`; the next call continues it.
   """
   fp = fingerprint(mcfg, params["image_encoder"], source)
   meta = _read_meta(directory)
@@ -200,7 +238,8 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
   pcount, pindex = jax.process_count(), jax.process_index()
   if global_batch % pcount:
     raise ValueError(f"batch size {global_batch} is not divisible by {pcount} processes")
-  if pindex == 0:
+  start = _batches_done(directory, fp, pcount, global_batch) if meta is None else 0
+  if pindex == 0 and not start:
     os.makedirs(directory, exist_ok=True)
     _clear(directory)
   shard_lib.sync_processes("embedding_cache_clear")
@@ -222,13 +261,18 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
     return data_lib.load_batch(source, rows, seed, k * global_batch + pindex * local, pool)
 
   part, tmp = None, os.path.join(directory, f"tmp-{_part_name(pindex, pcount)}")
-  print(f"Computing the image embeddings of {num} examples into {directory} ...", flush=True)
+  if start:
+    part = np.lib.format.open_memmap(tmp, mode="r+")
+    print(f"Continuing the image embeddings of {num} examples in {directory} at batch "
+          f"{start} of {num_batches} ...", flush=True)
+  else:
+    print(f"Computing the image embeddings of {num} examples into {directory} ...", flush=True)
   with concurrent.futures.ThreadPoolExecutor(4) as pool, \
        concurrent.futures.ThreadPoolExecutor(1) as ahead, \
        jax.set_mesh(mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
     params = jax.device_put(params, param_sh)
-    nxt = ahead.submit(load, 0)
-    for k in range(num_batches):
+    nxt = ahead.submit(load, start)
+    for k in range(start, num_batches):
       batch = nxt.result()
       if k + 1 < num_batches:
         nxt = ahead.submit(load, k + 1)  # reads the next batch while this one computes
@@ -239,6 +283,13 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
         part = np.lib.format.open_memmap(tmp, mode="w+", dtype=_storage_dtype(dtype),
                                          shape=(num_batches * local, *emb.shape[1:]))
       part[k * local:(k + 1) * local] = emb.view(part.dtype)
+      if notice is not None and notice.reached() and k + 1 < num_batches:
+        part.flush()
+        _write_json(_progress_path(directory, pindex, pcount),
+                    dict(fingerprint=fp, global_batch=global_batch, batches_done=k + 1))
+        shard_lib.sync_processes("embedding_cache_preempted")
+        raise preemption.Preempted(
+            f"the image embeddings of the first {k + 1} of {num_batches} batches in {directory}")
   part.flush()
   del part
   os.replace(tmp, os.path.join(directory, _part_name(pindex, pcount)))
@@ -247,9 +298,10 @@ def open_or_build(directory: str, source, model: Sam, params, mcfg, mesh, global
               global_batch=global_batch, process_count=pcount,
               shape=list(emb.shape[1:]), dtype=jnp.dtype(emb.dtype).name)
   if pindex == 0:
-    with open(os.path.join(directory, META + ".tmp"), "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(os.path.join(directory, META + ".tmp"), os.path.join(directory, META))
+    for p in range(pcount):  # the build is complete: no part of it is to be continued
+      if os.path.exists(_progress_path(directory, p, pcount)):
+        os.remove(_progress_path(directory, p, pcount))
+    _write_json(os.path.join(directory, META), meta)
     logging.info("Cached %d embeddings of %s in %s", num, meta["shape"], directory)
   shard_lib.sync_processes("embedding_cache_meta")
   return EmbeddingCache(directory, meta)

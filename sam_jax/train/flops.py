@@ -141,7 +141,8 @@ def train_step_flops(mcfg, config, params, batch: Dict[str, Any]) -> float:
   params, batch = jax.tree.map(abstract, params), jax.tree.map(abstract, batch)
   # What the count depends on (a resumed or re-run config in the same process counts once).
   key = repr((mcfg.to_json_best_effort(sort_keys=True),
-              config.prompts.to_json_best_effort(sort_keys=True), config.freeze, params, batch))
+              config.prompts.to_json_best_effort(sort_keys=True),
+              config.loss.to_json_best_effort(sort_keys=True), config.freeze, params, batch))
   if key not in _STEP_FLOPS:
     model = build_sam(counting_model_config(mcfg))
     config = config.copy_and_resolve_references()

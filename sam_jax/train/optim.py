@@ -1,42 +1,20 @@
-"""AdamW with warmup + step decay, layer-wise lr decay and freezing options."""
+"""AdamW with warmup + step decay, layer-wise lr decay and parameter groups.
 
-from typing import Any
+Which parameters train, and their lr and weight-decay multipliers, are set by
+regular expressions over parameter paths (`param_groups`): `config.freeze`,
+`config.optim.lr_mults` and `config.optim.wd_mults`.
+"""
+
+import operator
+from typing import Any, Callable, List
 
 import jax
-import jax.numpy as jnp
 import optax
 
-FREEZE_OPTIONS = ("full", "frozen_image_encoder", "decoder_only")
-# Never trained: a random buffer in the reference (PositionEmbeddingRandom).
-FROZEN_BUFFERS = ("positional_encoding_gaussian_matrix",)
-NO_DECAY = ("pos_embed", "rel_pos_h", "rel_pos_w", "embedding")
+from sam_jax.train import param_groups
 
-
-def _names(path) -> tuple:
-  return tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
-
-
-def trainable_labels(params, freeze: str):
-  """'train' or 'freeze' per parameter, for `optax.multi_transform`."""
-  if freeze not in FREEZE_OPTIONS:
-    raise ValueError(f"freeze={freeze!r}; choose one of {FREEZE_OPTIONS}")
-
-  def label(path, _):
-    names = _names(path)
-    if names[-1] in FROZEN_BUFFERS:
-      return "freeze"
-    if freeze == "frozen_image_encoder" and names[0] == "image_encoder":
-      return "freeze"
-    if freeze == "decoder_only" and names[0] != "mask_decoder":
-      return "freeze"
-    return "train"
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def weight_decay_mask(params):
-  """Decay matrices and kernels; not biases, norms, embeddings or position tables."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2 and _names(path)[-1] not in NO_DECAY, params)
+# Decay matrices and kernels; not biases, norms, embeddings or position tables.
+DEFAULT_WD_MULTS = ((".*/kernel", 1.0),)
 
 
 def layer_lr_scales(params, depth: int, decay: float):
@@ -44,7 +22,7 @@ def layer_lr_scales(params, depth: int, decay: float):
   embedding and position embedding decay**(depth + 1), the rest (neck, prompt
   encoder, decoder) 1."""
   def scale(path, _):
-    names = _names(path)
+    names = param_groups.path_name(path).split("/")
     if names[0] != "image_encoder" or decay == 1.0:
       return 1.0
     if names[1].startswith("blocks_"):
@@ -63,25 +41,42 @@ def lr_schedule(cfg) -> optax.Schedule:
   return optax.join_schedules([warmup, steps], [cfg.warmup_steps])
 
 
-def scale_by_tree(factors) -> optax.GradientTransformation:
-  """Multiplies each update by its own constant factor."""
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+def per_value(make: Callable[[float], optax.GradientTransformation], values,
+              skip: float) -> List[optax.GradientTransformation]:
+  """`make(v)` masked to the parameters whose value is v, for each v other than `skip`."""
+  distinct = sorted({v for v in jax.tree.leaves(values) if v != skip})
+  return [optax.masked(make(v), jax.tree.map(lambda x, v=v: x == v, values))
+          for v in distinct]
 
 
-def make_optimizer(cfg, params: Any, encoder_depth: int, freeze: str):
-  """The optimizer and its schedule. `params` may be abstract (shapes only)."""
+def weight_decay_mults(params, cfg):
+  return param_groups.first_match_values(
+      params, cfg.get("wd_mults", DEFAULT_WD_MULTS), "config.optim.wd_mults", 0.0)
+
+
+def lr_mults(params, cfg, encoder_depth: int):
+  """Each parameter's lr factor: its layer-decay scale times its `lr_mults` entry."""
+  mults = param_groups.first_match_values(params, cfg.get("lr_mults", ()),
+                                          "config.optim.lr_mults", 1.0)
+  return jax.tree.map(operator.mul, layer_lr_scales(params, encoder_depth, cfg.layer_decay),
+                      mults)
+
+
+def make_optimizer(cfg, params: Any, encoder_depth: int, freeze):
+  """The optimizer and its schedule. `params` may be abstract (shapes only);
+  `freeze` is `config.freeze` (see `param_groups`)."""
   schedule = lr_schedule(cfg)
+  labels = jax.tree.map(lambda f: "freeze" if f else "train",
+                        param_groups.frozen_mask(params, freeze))
   adamw = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.get("grad_clip") else optax.identity(),
       optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-      optax.add_decayed_weights(cfg.weight_decay, weight_decay_mask(params)),
+      *per_value(lambda m: optax.add_decayed_weights(cfg.weight_decay * m),
+                 weight_decay_mults(params, cfg), skip=0.0),
       optax.scale_by_learning_rate(schedule))
   tx = optax.chain(
-      optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
-                            trainable_labels(params, freeze)),
-      # After the lr: a per-layer factor on the whole AdamW step, weight decay included.
-      scale_by_tree(layer_lr_scales(params, encoder_depth, cfg.layer_decay)))
+      # Clipping and Adam see only the parameters that train.
+      optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels),
+      # After the lr: a per-parameter factor on the whole AdamW step, weight decay included.
+      *per_value(optax.scale, lr_mults(params, cfg, encoder_depth), skip=1.0))
   return tx, schedule

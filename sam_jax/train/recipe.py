@@ -1,19 +1,19 @@
-"""The SAM training objective: interactive prompt simulation + focal/dice/IoU losses.
+"""The SAM training objective: interactive prompt simulation + the loss terms.
 
 One call simulates every round for every mask of the batch inside the jitted
 step; the rounds run under `lax.scan`, so shapes never depend on the prompts.
 """
 
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.modeling.sam import Sam
-from sam_jax.train import losses, prompts
+from sam_jax.train import losses, param_groups, prompts
 
-FROZEN_ENCODER = ("frozen_image_encoder", "decoder_only")
+Terms = Dict[str, jax.Array]
 
 
 def low_res_size(model: Sam) -> Tuple[int, int]:
@@ -21,14 +21,12 @@ def low_res_size(model: Sam) -> Tuple[int, int]:
   return 4 * gh, 4 * gw
 
 
-def embed(model: Sam, params, batch, key, train: bool, freeze: str) -> jax.Array:
+def embed(model: Sam, params, batch, key, train: bool) -> jax.Array:
   """Image embeddings: precomputed ones if the batch has them, else the encoder's."""
   if "embeddings" in batch:
     return batch["embeddings"]
-  emb = model.apply({"params": params}, batch["images"], train, method=Sam.embed_images,
-                    rngs={"dropout": key} if train else {})
-  # A frozen encoder needs no backward pass: stopping here lets XLA drop it.
-  return jax.lax.stop_gradient(emb) if freeze in FROZEN_ENCODER else emb
+  return model.apply({"params": params}, batch["images"], train, method=Sam.embed_images,
+                     rngs={"dropout": key} if train else {})
 
 
 def most_confident(iou_pred: jax.Array) -> jax.Array:
@@ -57,75 +55,124 @@ def first_prompt(key, gt, cfg, stride: float, image_size: Tuple[int, int], num_s
   return coords, labels.astype(jnp.int32), is_box
 
 
+def first_round(decode: Callable, score: Callable, coords, labels,
+                is_box) -> Tuple[Terms, jax.Array]:
+  """Round 0: the terms per mask, and the logits (B, N, L, L) passed to round 1.
+
+  A single point is ambiguous: it gets three outputs and only the lowest-loss one
+  trains (every output's IoU prediction does). A box gets the single output. The
+  prediction passed on is the output with the highest *predicted* IoU, and its
+  true IoU is reported (appendix A): only the loss may look at the ground truth.
+  """
+  multi, multi_iou = decode(coords, labels, None, True)
+  single, single_iou = decode(coords, labels, None, False)
+  m, s = score(multi, multi_iou), score(single, single_iou)
+  best = losses.select_best(m["mask_loss"])
+  chosen = most_confident(multi_iou).astype(multi.dtype)
+
+  def of_point(name):
+    if name in losses.IOU_TERMS:
+      return m[name].mean(-1)
+    return (m[name] * (chosen if name == "true_iou" else best)).sum(-1)
+
+  terms = {name: jnp.where(is_box, s[name][..., 0], of_point(name)) for name in m}
+  prev = jnp.where(is_box[..., None, None], single[:, :, 0],
+                   (multi * chosen[..., None, None]).sum(2))
+  return terms, prev
+
+
+def add_click(key, prev_logits, gt, stride: float, coords, labels, adds, slot):
+  """A click drawn from the error region of the previous mask into this round's slot:
+  foreground where it missed the object, background where it spilled over; a
+  round that `adds` nothing fills the slot with PADDING."""
+  c, lab = prompts.point_from_error(key, prev_logits > 0, gt, stride)
+  lab = jnp.where(adds, lab, PADDING)
+  coords = jnp.where(slot[:, None], c[..., None, :], coords)
+  labels = jnp.where(slot, lab[..., None], labels)
+  return coords, labels
+
+
+def click_rounds(decode: Callable, score: Callable, coords, labels, prev, gt, stride: float,
+                 plan_key, click_key, config) -> Terms:
+  """Rounds 1 .. R-1: each adds a click (or none) to the prompts so far and feeds the
+  previous logits back as the mask prompt; the single output trains. Terms (R-1, B, N)."""
+  rounds = config.prompts.num_rounds
+
+  def round_fn(carry, xs):
+    coords, labels, prev = carry
+    k, adds, slot = xs
+    prev = jax.lax.stop_gradient(prev)
+    coords, labels = add_click(k, prev, gt, stride, coords, labels, adds, slot)
+    logits, iou = decode(coords, labels, prev, False)
+    terms = {name: t[..., 0] for name, t in score(logits, iou).items()}
+    return (coords, labels, logits[:, :, 0]), terms
+
+  if config.get("remat_rounds", False):
+    round_fn = jax.checkpoint(round_fn)
+  # The last round and num_no_point_rounds - 1 random others add no click.
+  adds = prompts.no_point_rounds(plan_key, rounds, config.prompts.num_no_point_rounds)
+  slots = jax.nn.one_hot(jnp.arange(2, rounds + 1), rounds + 1, dtype=bool)
+  keys = jax.random.split(click_key, rounds - 1)
+  # Unrolled by default: XLA:CPU runs the backward of a rolled loop several times slower.
+  _, terms = jax.lax.scan(round_fn, (coords, labels, prev), (keys, adds, slots),
+                          unroll=config.get("unroll_rounds", True))
+  return terms
+
+
+def average(per_round: Terms, valid: jax.Array, weights) -> Tuple[jax.Array, Terms]:
+  """The loss (mean over rounds of the weighted terms, each averaged over valid masks)
+  and the metrics; `per_round` holds (R, B, N) terms."""
+  w = valid.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  r = {name: (t * w).sum(axis=(1, 2)) / n for name, t in per_round.items()}  # (R,)
+  total = r["mask_loss"]
+  for name in losses.iou_term_names(weights):
+    if weights[name]:  # weight 0: logged, not trained on
+      total = total + weights[name] * r[name]
+  loss = total.mean()
+  metrics = dict(loss=loss, mask_loss=r["mask_loss"].mean(),
+                 **{name: r[name].mean() for name in weights},
+                 iou_per_round=r["true_iou"], num_masks=w.sum())
+  return loss, metrics
+
+
 def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, config,
              train: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-  """The mean loss over valid masks and rounds, and metrics.
+  """SAM's training algorithm (appendix A) on a batch: the mean loss and metrics.
+
+  For every mask: 1. a first prompt, a point drawn uniformly from the mask or its
+  jittered box; 2. `num_rounds - 1` more rounds, each adding a click drawn from
+  the error region of the previous round's mask and feeding that mask's logits
+  back as the mask prompt; 3. among them the last round and `num_no_point_rounds
+  - 1` others add no click: the model refines from its own mask. Every round's
+  masks are scored against the ground truth by the terms of `config.loss`.
 
   batch: `images` (B, S, S, 3) or `embeddings` (B, h, w, C); `masks` (B, N, L, L)
   on the low-res grid; `valid` (B, N).
   """
-  pcfg, lcfg = config.prompts, config.loss
+  weights, loss_params = config.loss, config.get("loss_params", None) or {}
+  losses.check_config(weights, loss_params)
+  # Frozen parameters (config.freeze) get no gradient: their backward pass is dropped.
+  params = param_groups.stop_frozen_gradients(params, config.freeze)
   gt = batch["masks"].astype(bool)
   valid = batch["valid"] & gt.any(axis=(-2, -1))
   image_size = tuple(model.image_size)  # (H, W)
   stride = image_size[1] / gt.shape[-1]  # the low-res grid is 4x the tokens on both axes
-  rounds = pcfg.num_rounds
   k_embed, k_first, k_plan, k_rounds = jax.random.split(key, 4)
-  emb = embed(model, params, batch, k_embed, train, config.freeze)
+  emb = embed(model, params, batch, k_embed, train)
 
   def decode(coords, labels, mask_inputs, multimask):
     return model.apply({"params": params}, emb, coords, labels, None, mask_inputs, multimask,
                        method=Sam.decode)
 
-  # Round 0: the ambiguous single point gets three outputs and only the best is
-  # trained; a box is unambiguous and gets the single output.
-  coords, labels, is_box = first_prompt(k_first, gt, pcfg, stride, image_size, rounds + 1)
-  multi, multi_iou = decode(coords, labels, None, True)
-  single, single_iou = decode(coords, labels, None, False)
-  m_parts = losses.mask_losses(multi, gt, multi_iou, lcfg)
-  s_parts = losses.mask_losses(single, gt, single_iou, lcfg)
-  best = losses.select_best(m_parts[0])
-  pick = lambda m, s: jnp.where(is_box, s[..., 0], (m * best).sum(-1))  # noqa: E731
-  mask_loss, focal, dice = (pick(m, s) for m, s in zip(m_parts[:3], s_parts[:3]))
-  iou_mse = jnp.where(is_box, s_parts[3][..., 0], m_parts[3].mean(-1))
-  # Only the loss uses the lowest-loss output (it needs the ground truth). As in
-  # the paper (appendix A), the output with the highest *predicted* IoU is the
-  # prediction: it is passed to the next round, and its true IoU is reported.
-  chosen = most_confident(multi_iou).astype(multi.dtype)
-  true_iou = jnp.where(is_box, s_parts[4][..., 0], (m_parts[4] * chosen).sum(-1))
-  prev = jnp.where(is_box[..., None, None], single[:, :, 0],
-                   (multi * chosen[..., None, None]).sum(2))
-  first = (mask_loss, focal, dice, iou_mse, true_iou)
+  def score(logits, iou_pred):
+    return losses.mask_losses(logits, gt, iou_pred, weights, loss_params)
 
-  # Rounds 1 .. R-1: a click from the previous error region (or none), with the
-  # previous logits as the mask prompt and the single output.
-  def round_fn(carry, xs):
-    coords, labels, prev = carry
-    k, adds, slot = xs
-    prev = jax.lax.stop_gradient(prev)
-    c, lab = prompts.point_from_error(k, prev > 0, gt, stride)
-    lab = jnp.where(adds, lab, PADDING)
-    coords = jnp.where(slot[:, None], c[..., None, :], coords)
-    labels = jnp.where(slot, lab[..., None], labels)
-    logits, iou = decode(coords, labels, prev, False)
-    parts = tuple(p[..., 0] for p in losses.mask_losses(logits, gt, iou, lcfg))
-    return (coords, labels, logits[:, :, 0]), parts
-
-  if config.get("remat_rounds", False):
-    round_fn = jax.checkpoint(round_fn)
-  adds = prompts.no_point_rounds(k_plan, rounds, pcfg.num_no_point_rounds)
-  slots = jax.nn.one_hot(jnp.arange(2, rounds + 1), rounds + 1, dtype=bool)
-  keys = jax.random.split(k_rounds, rounds - 1)
-  # Unrolled by default: XLA:CPU runs the backward of a rolled loop several times slower.
-  _, later = jax.lax.scan(round_fn, (coords, labels, prev), (keys, adds, slots),
-                          unroll=config.get("unroll_rounds", True))
-  parts = [jnp.concatenate([f[None], l], 0) for f, l in zip(first, later)]  # (R, B, N)
-
-  w = valid.astype(jnp.float32)
-  n = jnp.maximum(w.sum(), 1.0)
-  per_round = lambda x: (x * w).sum(axis=(1, 2)) / n  # noqa: E731
-  mask_loss, focal, dice, iou_mse, true_iou = (per_round(p) for p in parts)
-  loss = (mask_loss + lcfg.iou_weight * iou_mse).mean()
-  metrics = dict(loss=loss, mask_loss=mask_loss.mean(), focal=focal.mean(), dice=dice.mean(),
-                 iou_mse=iou_mse.mean(), iou_per_round=true_iou, num_masks=w.sum())
-  return loss, metrics
+  num_slots = config.prompts.num_rounds + 1  # two for the first prompt, one per click
+  coords, labels, is_box = first_prompt(k_first, gt, config.prompts, stride, image_size,
+                                        num_slots)
+  first, prev = first_round(decode, score, coords, labels, is_box)
+  later = click_rounds(decode, score, coords, labels, prev, gt, stride,
+                       k_plan, k_rounds, config)
+  per_round = {name: jnp.concatenate([first[name][None], later[name]], 0) for name in first}
+  return average(per_round, valid, weights)

@@ -29,6 +29,28 @@ LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
 )
+# Activations carry logical names too (modeling/image_encoder.py): batch,
+# tokens (height, width on a grid), heads and mlp; names absent from the rules
+# (the token axes here) stay replicated. Override all
+# of this with `config.sharding_rules` (see `rules_from_config`).
+
+
+def rules_from_config(config) -> Tuple[Tuple[str, Any], ...]:
+  """`config.sharding_rules` (a sequence of (logical name, mesh axes)), else LOGICAL_RULES."""
+  rules = config.get("sharding_rules") if hasattr(config, "get") else None
+  if not rules:
+    return LOGICAL_RULES
+  out = []
+  for rule in rules:
+    name, axes = rule
+    for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())):
+      if a not in MESH_AXES:
+        raise ValueError(f"config.sharding_rules maps {name!r} to {a!r}, not a mesh axis "
+                         f"{MESH_AXES}.")
+    out.append((name, axes if axes is None or isinstance(axes, str) else tuple(axes)))
+  return tuple(out)
+
+
 # Dense layers whose input is the wide (mlp/heads) side.
 OUTPUT_PROJECTIONS = ("proj", "lin2", "out_proj")
 
@@ -59,6 +81,8 @@ def logical_axes(path, x) -> Tuple:
   """Logical axis names of one parameter, from its module path and shape."""
   names = [getattr(p, "key", str(p)) for p in path]
   leaf, module = names[-1], (names[-2] if len(names) > 1 else "")
+  if leaf == "kernel" and x.ndim == 2 and module == "qkv" and "attn" in names:
+    return ("embed", None)  # the encoder's (q|k|v) x heads columns: see image_encoder.QKV
   if leaf == "kernel" and x.ndim == 2:
     return ("mlp", "embed") if module in OUTPUT_PROJECTIONS else ("embed", "mlp")
   if leaf == "kernel" and x.ndim == 4:  # convolutions (and transposed ones), HWIO

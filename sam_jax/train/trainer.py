@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from sam_jax.build import build_sam, image_size_hw
 from sam_jax.checkpoint import abstract_params, init_params, load_config, load_sam, save_sam
 from sam_jax.train import data as data_lib
-from sam_jax.train import demo_data, embedding_cache, flops, optim, recipe
+from sam_jax.train import demo_data, embedding_cache, eval_data, flops, optim, preemption, recipe
 from sam_jax.train import sharding as shard_lib
 
 State = Dict[str, Any]
@@ -46,7 +46,7 @@ class DataError(ValueError):
   """The training data is too corrupt to train on (see WORKDIR/skipped_examples.json)."""
 
 
-def model_config(config) -> ml_collections.ConfigDict:
+def resolve_model_config(config) -> ml_collections.ConfigDict:
   """The model's config: `config.model`, or a checkpoint's with `config.model` overrides."""
   if config.get("model_init"):
     mcfg = load_config(config.model_init)
@@ -58,7 +58,7 @@ def model_config(config) -> ml_collections.ConfigDict:
 
 def initial_params(config, model) -> Any:
   if config.get("model_init"):
-    _, params = load_sam(config.model_init, image_size=model_config(config).image_size)
+    _, params = load_sam(config.model_init, image_size=resolve_model_config(config).image_size)
     return params
   return rescale_init(init_params(model, jax.random.key(config.seed)),
                       config.get("init_scale") or ())
@@ -94,13 +94,14 @@ class Trainer:
 
   def __init__(self, config, mesh=None):
     self.config = config
-    self.mcfg = model_config(config)
+    self.mcfg = resolve_model_config(config)
     self.model = build_sam(self.mcfg)
     self.mesh = mesh if mesh is not None else shard_lib.make_mesh(config.mesh_shape)
     self.abstract_params = abstract_params(self.model)
     self.tx, self.schedule = optim.make_optimizer(
         config.optim, self.abstract_params, self.mcfg.image_encoder.depth, config.freeze)
-    self.param_shardings = shard_lib.param_shardings(self.abstract_params, self.mesh)
+    self.rules = shard_lib.rules_from_config(config)
+    self.param_shardings = shard_lib.param_shardings(self.abstract_params, self.mesh, self.rules)
     abstract = jax.eval_shape(self._state_from_params, self.abstract_params)
     self.state_shardings = dict(
         params=self.param_shardings,
@@ -120,7 +121,7 @@ class Trainer:
 
   def init_state(self, params) -> State:
     """The step-0 state, sharded, from host or device parameters."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       params = jax.device_put(params, self.param_shardings)
       return jax.jit(self._state_from_params, out_shardings=self.state_shardings)(params)
 
@@ -128,7 +129,7 @@ class Trainer:
     fn = functools.partial(recipe.simulate, model=self.model, config=self.config, train=True)
     # FSDP: the model computes with gathered weights (see sharding.gather_fsdp).
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: fn(shard_lib.gather_fsdp(p, self.mesh), batch=batch, key=key),
+        lambda p: fn(shard_lib.gather_fsdp(p, self.mesh, self.rules), batch=batch, key=key),
         has_aux=True)(params)
     return loss, metrics, grads
 
@@ -154,7 +155,7 @@ class Trainer:
 
   def train_step(self, state: State, batch) -> tuple:
     """One optimizer step; `state` is donated. Jitted with explicit shardings."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step(batch)(state, shard_lib.put_batch(batch, self.mesh))
 
   def compile_step(self, batch) -> jax.stages.Compiled:
@@ -169,8 +170,17 @@ class Trainer:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                      sharding=shard_lib.batch_sharding(self.mesh, len(v.shape)))
              for k, v in batch.items()}
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shard_lib.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._jitted_step(batch).lower(self.abstract_state, batch).compile()
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+  """The trainer asks JAX's preemption sync point itself, at the same calls in every
+  process; Orbax's own asks (from its finalize thread, with older steps) could set the
+  sync point to a step that has passed, and the run would never stop for it."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
 
 
 def _check_writable(directory: str) -> None:
@@ -195,8 +205,8 @@ def checkpoint_manager(workdir: str, config, check_writable: bool = False) -> oc
       save_interval_steps=config.checkpoint_every,
       preservation_policy=pp.LatestN(config.keep_checkpoints),
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return _CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                            options=options)
 
 
 def save_checkpoint(mgr, step: int, state: State, meta: dict) -> None:
@@ -258,16 +268,23 @@ def _prepare_data(config, workdir: str):
   return train_dir, eval_dir
 
 
-def run_eval(trainer: Trainer, params, examples, num_clicks: int):
+def run_eval(model, params, dataset, eval_config):
+  """`config.eval`'s protocol (sam_jax.train.evaluate) on the first `num_images` held-out images."""
   from sam_jax.train import evaluate  # scipy only when evaluating
-  return evaluate.evaluate(trainer.model, params, examples, num_clicks)
+  indices = range(min(eval_config.num_images or len(dataset), len(dataset)))
+  return evaluate.evaluate_model(model, params, dataset, evaluate.training_protocol(eval_config),
+                                 indices, pictures=4)
 
 
-def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> Dict[str, Any]:
+def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
+                       restart_data_order: bool = False) -> Dict[str, Any]:
   """Trains per `config`, evaluates, exports; returns a summary dict.
 
   `stop_at` ends the run early at that step (after checkpointing it), as a
-  preemption would; calling again resumes from the workdir.
+  preemption would; calling again resumes from the workdir. A SIGTERM saves the
+  step in progress and raises `preemption.Preempted` (exit status 75).
+  `restart_data_order` lets a resumed run change the global batch size, reading
+  the data from its start again (else refused: the data position would be wrong).
   """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config)
@@ -276,19 +293,25 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
   train_src, eval_examples = open_data(config, workdir, trainer)
   mgr = checkpoint_manager(workdir, config, check_writable=True)
   summary = _read_summary(workdir)
-  state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr)
+  state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr,
+                                                           restart_data_order)
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
     summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config, workdir)
-  if config.get("cache_embeddings"):
-    train_src = with_embedding_cache(config, trainer, state, train_src, workdir)
-  total = stop_at if stop_at is not None else config.total_steps
-  state, step, losses = train_loop(config, trainer, state, train_src, mgr, workdir, start,
-                                   data_step, total)
+  with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
+    if config.get("cache_embeddings"):
+      train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
+    total = stop_at if stop_at is not None else config.total_steps
+    state, step, losses, preempted = train_loop(config, trainer, state, train_src, mgr, workdir,
+                                                start, data_step, total, notice)
   summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
-  if step >= config.total_steps:
+  if step >= config.total_steps and not preempted:
     summary.update(evaluate_and_export(config, trainer, state, eval_examples, workdir,
                                        summary.get("untrained", {})))
   _write_summary(workdir, summary)
+  if preempted:  # the checkpoint is written: train_loop waited for it
+    err = preemption.Preempted(f"the checkpoint of step {step}")
+    print(err, flush=True)
+    raise err
   summary["state"] = state
   return summary
 
@@ -296,7 +319,7 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None) -> D
 def open_data(config, workdir: str, trainer: Trainer):
   """The training examples, and the held-out examples to evaluate on (None without)."""
   mcfg = trainer.mcfg
-  image_hw = image_size_hw(mcfg)
+  image_hw = image_size_hw(mcfg.image_size)
   low_res = recipe.low_res_size(trainer.model)
   train_dir, eval_dir = _prepare_data(config, workdir)
   train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
@@ -307,8 +330,8 @@ def open_data(config, workdir: str, trainer: Trainer):
                                     config.eval.max_masks, mcfg.pixel_mean)
   if eval_src is None:
     return train_src, None
-  ex = data_lib.eval_examples(eval_src, config.eval.num_images)
-  return train_src, dict(images=ex["image"], masks=ex["masks"], valid=ex["valid"])
+  return train_src, eval_data.Sa1bRecords(eval_src.records, eval_src.description,
+                                          config.eval.max_masks)
 
 
 def _summary_path(workdir: str) -> str:
@@ -329,11 +352,13 @@ def _write_summary(workdir: str, summary: Dict[str, Any]) -> None:
       json.dump({k: v for k, v in summary.items() if v is not None}, f, indent=2)
 
 
-def restore_or_init_state(config, trainer: Trainer, mgr):
+def restore_or_init_state(config, trainer: Trainer, mgr, restart_data_order: bool = False):
   """(state, step, data position, resumed): the workdir's latest readable checkpoint, else step 0.
 
   An unreadable checkpoint (a crash mid-write, a damaged disk) is reported and
-  the one before it is used; when none can be read, the run stops.
+  the one before it is used; when none can be read, the run stops. The
+  checkpoint may come from another number of processes or mesh; its data
+  position holds for the same global batch size only (see `_data_position`).
   """
   steps = sorted(mgr.all_steps(), reverse=True)
   failures = []
@@ -346,15 +371,50 @@ def restore_or_init_state(config, trainer: Trainer, mgr):
             f"({failures[-1]}); trying the one before it.", flush=True)
       _set_aside(mgr, start)
       continue
-    logging.info("Resumed from step %d (data position %d)", start, meta["data_step"])
-    print(f"Resuming from the checkpoint of step {start}" +
-          (f" (the later {len(failures)} could not be read)." if failures else "."), flush=True)
-    return state, start, meta["data_step"], True
+    data_step = _data_position(meta, start, config, mgr, restart_data_order)
+    logging.info("Resumed from step %d (data position %d)", start, data_step)
+    print(f"Resuming from the checkpoint of step {start} (data position {data_step}), "
+          f"{_topology_report(meta, trainer)}" +
+          (f"; the later {len(failures)} could not be read." if failures else "."), flush=True)
+    return state, start, data_step, True
   if failures:
     raise CheckpointSaveError(
         f"None of the checkpoints in {mgr.directory} can be read:\n  " + "\n  ".join(failures) +
         "\nMove the folder away to start from scratch.")
   return trainer.init_state(initial_params(config, trainer.model)), 0, 0, False
+
+
+def _data_position(meta: Dict[str, Any], start: int, config, mgr,
+                   restart_data_order: bool) -> int:
+  """The checkpoint's data position; another global batch size is refused unless
+  `restart_data_order` (the data is then read from its start)."""
+  saved_batch = meta.get("global_batch", config.batch_size)
+  if saved_batch == config.batch_size:
+    return meta["data_step"]
+  if not restart_data_order:
+    raise ValueError(
+        f"The checkpoint of step {start} in {mgr.directory} was trained with a global batch "
+        f"of {saved_batch}, this config has {config.batch_size}: its data position "
+        f"({meta['data_step']} batches) would mean other examples now. Keep config.batch_size="
+        f"{saved_batch}, or pass restart_data_order=True (train.py --restart_data_order) "
+        "to read the data from its start again.")
+  print(f"The global batch changed from {saved_batch} to {config.batch_size}: "
+        "restarting the data order.", flush=True)
+  return 0
+
+
+def _topology(trainer: Trainer) -> Dict[str, Any]:
+  """Who writes a checkpoint: recorded in its meta, reported when it is restored."""
+  return dict(process_count=jax.process_count(), local_device_count=jax.local_device_count(),
+              mesh=dict(trainer.mesh.shape))
+
+
+def _topology_report(meta: Dict[str, Any], trainer: Trainer) -> str:
+  def words(t):
+    return (f"{t['process_count']} process(es) x {t['local_device_count']} devices, "
+            f"mesh {t['mesh']}")
+  here = words(_topology(trainer))
+  return f"saved by {words(meta)}; restored onto {here}" if "mesh" in meta else f"onto {here}"
 
 
 def _set_aside(mgr, step: int) -> None:
@@ -371,27 +431,31 @@ def evaluate_before_training(trainer: Trainer, state: State, eval_examples, conf
                              workdir: str) -> Dict[str, Any]:
   """The untrained model's prompt mIoUs (its 1-point masks kept for the final picture)."""
   # The state's parameters, placed as after training: the evaluation compiles once.
-  res = run_eval(trainer, _gathered(state["params"]), eval_examples, config.eval.num_clicks)
-  if jax.process_index() == 0:
-    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["masks_1point"])
-  print(f"Before training: 1-point mIoU {res['miou_1point']:.3f}, "
+  res = run_eval(trainer.model, _gathered(state["params"]), eval_examples, config.eval)
+  if jax.process_index() == 0 and "pictures" in res:
+    np.save(os.path.join(workdir, "untrained_masks_1point.npy"), res["pictures"]["pred"])
+  print(f"Before training: 1-point mIoU {res['miou_1point_default']:.3f}, "
         f"box mIoU {res['miou_box']:.3f}", flush=True)
-  return {k: v for k, v in res.items() if k != "masks_1point"}
+  return {k: v for k, v in res.items() if k != "pictures"}
 
 
-def with_embedding_cache(config, trainer: Trainer, state: State, train_src, workdir: str):
+def with_embedding_cache(config, trainer: Trainer, state: State, train_src, workdir: str,
+                         notice: Optional[preemption.Notice] = None):
   """The training examples with their image embeddings (cached, built on first use)."""
   cache = embedding_cache.open_or_build(
       config.get("embedding_cache_dir") or os.path.join(workdir, "embeddings"), train_src,
-      trainer.model, state["params"], trainer.mcfg, trainer.mesh, config.batch_size, config.seed)
+      trainer.model, state["params"], trainer.mcfg, trainer.mesh, config.batch_size, config.seed,
+      notice)
   return embedding_cache.CachedSource(train_src, cache)  # batches carry `embeddings`
 
 
 def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: str,
-               start: int, data_step: int, total: int):
+               start: int, data_step: int, total: int,
+               notice: Optional[preemption.Notice] = None):
   """Steps `start + 1 .. total`, logging and checkpointing on the way.
 
-  Returns the last state, the last step and the host losses by step.
+  Returns the last state, the last step, the host losses by step, and whether
+  `notice` stopped the run early (that step's checkpoint then written).
   """
   health = DataHealth(train_src, config.data, workdir)
   batches = data_lib.train_batches(train_src, config.batch_size, config.seed, data_step,
@@ -402,7 +466,7 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
                        float(jax.device_get(optax.global_norm(state["params"]))))
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
-  step = start
+  step, preempted = start, False
   peak = flops.peak_flops(jax.devices()[0].device_kind, trainer.mcfg.dtype,
                           config.get("peak_flops"))
   step_flops = None
@@ -421,7 +485,8 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
       images_seen += config.batch_size
       bar.update(1)
       check_saves(mgr)
-      should_save = step % config.checkpoint_every == 0 or step == total
+      preempted = notice is not None and notice.reached()  # the same step in every process
+      should_save = step % config.checkpoint_every == 0 or step == total or preempted
       if step % config.log_every == 0 or should_save:
         host = _check_finite(pending, mgr, limits)
         pending = []
@@ -436,7 +501,11 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
         t0, images_seen = time.time(), 0
         health.write()
       if should_save:
-        save_checkpoint(mgr, step, state, dict(step=step, data_step=step))
+        save_checkpoint(mgr, step, state, dict(step=step, data_step=data_step + step - start,
+                                               global_batch=config.batch_size,
+                                               **_topology(trainer)))
+      if preempted:
+        break
   except BaseException:
     try:  # the run is already failing: report its error, not a second one from Orbax
       mgr.wait_until_finished()
@@ -454,7 +523,7 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
     batches.close()  # stops the prefetching thread
     log.close()
     health.write()
-  return state, step, losses
+  return state, step, losses, preempted
 
 
 class DataHealth:
@@ -594,11 +663,11 @@ def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, w
   out = {}
   params = _gathered(state["params"])
   if eval_examples is not None:
-    res = run_eval(trainer, params, eval_examples, config.eval.num_clicks)
-    out["trained"] = {k: v for k, v in res.items() if k != "masks_1point"}
+    res = run_eval(trainer.model, params, eval_examples, config.eval)
+    out["trained"] = {k: v for k, v in res.items() if k != "pictures"}
     print(results_table(untrained, out["trained"], config.eval.num_clicks), flush=True)
-    if jax.process_index() == 0:
-      _write_picture(workdir, eval_examples, res["masks_1point"])
+    if jax.process_index() == 0 and "pictures" in res:
+      _write_picture(workdir, res["pictures"])
   if config.get("export") and jax.process_index() == 0:
     export_dir = os.path.join(workdir, "export")
     save_sam(export_dir, trainer.mcfg, jax.device_get(params), overwrite=True)
@@ -607,22 +676,24 @@ def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, w
   return out
 
 
-def results_table(untrained: Dict[str, Any], trained: Dict[str, Any], num_clicks: int) -> str:
+def results_table(untrained: Dict[str, Any], trained: Dict[str, Any], num_points: int) -> str:
   """The held-out mIoUs before and after training, one prompt per row."""
-  rows = [("1 point", "miou_1point", None), ("1 box", "miou_box", None)]
-  if num_clicks > 1:
-    rows.append((f"1 point + {num_clicks - 1} clicks", "miou_clicks", -1))
+  rows = [("1 point", lambda r: r["miou_1point_default"]), ("1 box", lambda r: r["miou_box"])]
+  if num_points > 1:
+    rows.append((f"1 point + {num_points - 1} clicks",
+                 lambda r: r["miou_points"][str(num_points)]))
 
-  def cell(res, key, i):
-    if key not in res:
+  def cell(res, get):
+    try:
+      return f"{get(res):.3f}"
+    except KeyError:  # e.g. a resumed run that did not evaluate the untrained model
       return "-"
-    return f"{(res[key] if i is None else res[key][i]):.3f}"
 
-  width = max(len(r[0]) for r in rows) + 2
+  width = max(len(name) for name, _ in rows) + 2
   lines = [f"Held-out mIoU ({trained['num_masks']} masks):",
            f"  {'prompt':<{width}}{'untrained':>10}{'trained':>10}"]
-  lines += [f"  {name:<{width}}{cell(untrained, k, i):>10}{cell(trained, k, i):>10}"
-            for name, k, i in rows]
+  lines += [f"  {name:<{width}}{cell(untrained, get):>10}{cell(trained, get):>10}"
+            for name, get in rows]
   return "\n".join(lines)
 
 
@@ -685,20 +756,21 @@ def _check_finite(pending, mgr, limits: Optional[_Divergence] = None):
   return host
 
 
-def _write_picture(workdir, examples, masks):
+def _write_picture(workdir, pictures):
   from sam_jax.train import evaluate
-  points = np.zeros(examples["valid"].shape + (2,), np.float32)
-  for i, j in zip(*np.nonzero(examples["valid"])):
-    points[i, j] = evaluate.interior_point(examples["masks"][i, j].astype(bool))
-  cols, titles = [examples["masks"].astype(bool)], ["ground truth"]
+  valid = pictures["valid"]
+  points = np.zeros(valid.shape + (2,), np.float32)
+  for i, j in zip(*np.nonzero(valid)):
+    points[i, j] = evaluate.interior_point(pictures["gt"][i, j])
+  cols, titles = [pictures["gt"]], ["ground truth"]
   untrained = os.path.join(workdir, "untrained_masks_1point.npy")
-  if os.path.exists(untrained):
+  if os.path.exists(untrained) and np.load(untrained).shape == pictures["pred"].shape:
     cols.append(np.load(untrained))
     titles.append("untrained, 1 point")
-  cols.append(masks)
+  cols.append(pictures["pred"])
   titles.append("trained, 1 point")
   path = os.path.join(workdir, "predictions.png")
-  evaluate.render(path, examples["images"], cols, titles, points, examples["valid"])
+  evaluate.render(path, pictures["images"], cols, titles, points, valid)
   print(f"Wrote {path}: ground truth and 1-point masks of the held-out images", flush=True)
 
 
@@ -714,21 +786,21 @@ def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dic
     raise ValueError(f"Nothing to evaluate: no {workdir}/export and no config.model_init.")
   model, params = load_sam(ckpt)
   _, eval_dir = _prepare_data(config, workdir)
-  size = image_size_hw(load_config(ckpt))
+  size = image_size_hw(load_config(ckpt).image_size)
   src = data_lib.open_examples(config.data, "eval", eval_dir, workdir, size, size,
                                config.eval.max_masks, load_config(ckpt).pixel_mean)
   if src is None:
     raise ValueError("Set config.data.eval_dir (a folder in SA-1B's layout), or tfds_name and "
                      "eval_split, to evaluate on.")
-  ex = data_lib.eval_examples(src, config.eval.num_images or len(src))
-  from sam_jax.train import evaluate
-  res = evaluate.evaluate(model, params, dict(images=ex["image"], masks=ex["masks"],
-                                              valid=ex["valid"]), config.eval.num_clicks)
-  res = {k: v for k, v in res.items() if k != "masks_1point"}
-  clicks = ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["miou_clicks"]))
-  print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
-        f"{res['miou_1point']:.3f}, box mIoU {res['miou_box']:.3f}, after k clicks {clicks}",
-        flush=True)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
+  dataset = eval_data.Sa1bRecords(src.records, src.description, config.eval.max_masks)
+  # Every process evaluates its share of the images; all get the gathered result.
+  res = run_eval(model, params, dataset, config.eval)
+  res = {k: v for k, v in res.items() if k != "pictures"}
+  points = ", ".join(f"{k}: {v:.3f}" for k, v in res["miou_points"].items())
+  if jax.process_index() == 0:
+    print(f"{ckpt} on {res['num_masks']} masks of {src.description}: 1-point mIoU "
+          f"{res['miou_1point_default']:.3f} (oracle {res['miou_1point_oracle']:.3f}), box mIoU "
+          f"{res['miou_box']:.3f}, after k points {points}", flush=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(dict(checkpoint=ckpt, **res), f, indent=2)
   return res

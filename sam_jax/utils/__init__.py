@@ -1,1 +1,1 @@
-"""Helpers for inference: the automatic mask generator's grids, boxes, NMS and RLEs."""
+"""Helpers for inference: mask operations (mask_ops) and pictures of masks (visualize)."""

@@ -1,4 +1,4 @@
-"""Helpers of the automatic mask generator.
+"""Operations on masks, boxes and point grids: the automatic mask generator's parts.
 
 Point grids and crop boxes are small Python computations, as in the
 reference. Everything done per mask (stability scores, boxes, edge filtering,

@@ -1,0 +1,394 @@
+"""Sizing a TPU run from a CPU machine: compile the real step for a TPU topology.
+
+  python train.py --config configs/pretrain.py:vit_h --mode=compile --topology=v5p-128 \\
+      --workdir /tmp/size_vit_h
+
+compiles exactly the training step that `train.py` runs (`Trainer.compile_step`),
+with the config's mesh, for abstract TPU devices (`jax.experimental.topologies`;
+libtpu must be installed, no TPU needed), and reports per chip memory, whether
+it fits the chip's HBM, the model FLOPs of a step, the XLA cost model's
+estimated step time and the MFU that estimate implies, and the collectives in
+the compiled program. `--batch_search` finds the largest per-chip batch that
+fits by compiling; the image encoder's forward (serving) is sized alike.
+The MaxText anchor is its `train_compile.py`. See docs/tpu.md.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INSTALL_LIBTPU = 'pip install "jax[tpu]==' + jax.__version__ + '"  (or: pip install -e ".[tpu]")'
+
+# Generation as pods are sold -> (libtpu's name, whether N counts TensorCores
+# (2 per chip, one JAX device per chip in megacore mode) or chips, 3-D torus).
+GENERATIONS = {
+    "v4": ("v4", True, True),
+    "v5p": ("v5p", True, True),
+    "v5e": ("v5e", False, False),
+    "v6e": ("v6e", False, False),
+}
+# HBM of one chip, bytes, by JAX device_kind (the vendor's figures).
+HBM_BYTES = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5": 95 * 2**30,  # v5p
+    "TPU v5p": 95 * 2**30,
+    "TPU v5 lite": 16 * 2**30,  # v5e
+    "TPU v6 lite": 32 * 2**30,  # v6e
+}
+# Single-slice 2-D shapes of v5e/v6e by chip count (as provisioned).
+_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+       128: (8, 16), 256: (16, 16)}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+class CompileError(ValueError):
+  """Bad input to the compile mode (topology, mesh, missing libtpu): a message, no traceback."""
+
+
+def _torus_3d(chips: int) -> Tuple[int, int, int]:
+  """v4/v5p slice shapes: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... (double the smallest)."""
+  if chips < 4 or chips & (chips - 1):
+    raise CompileError(f"{chips} chips is not a v4/v5p slice size (4, 8, 16, ... chips, i.e. "
+                       f"v5p-8, v5p-16, ...); or give the shape, e.g. v5p:2x2x4.")
+  dims = [2, 2, 1]
+  while math.prod(dims) < chips:
+    i = max(j for j in range(3) if dims[j] == min(dims))
+    dims[i] *= 2
+  return tuple(dims)
+
+
+def libtpu_topology(name: str) -> Tuple[str, str]:
+  """(libtpu topology name, generation) for 'v5p-128' (as sold) or 'v5p:4x4x4' (libtpu's)."""
+  m = re.fullmatch(r"(v\d+[a-z]*)[:-](.+)", name.strip().lower())
+  if not m or m.group(1) not in GENERATIONS:
+    raise CompileError(f"Unknown TPU topology {name!r}: use a name as sold (v4-N, v5p-N with N "
+                       f"TensorCores; v5e-N, v6e-N with N chips) or libtpu's form such as "
+                       f"v5p:4x4x4 or v5e:2x2. Generations: {', '.join(GENERATIONS)}.")
+  gen, rest = m.groups()
+  libname, counts_cores, is_3d = GENERATIONS[gen]
+  if ":" in name:
+    dims = rest.split("x")
+    if len(dims) != (3 if is_3d else 2) or not all(d.isdigit() and int(d) > 0 for d in dims):
+      raise CompileError(f"Unknown TPU topology {name!r}: {gen} shapes are "
+                         f"{'XxYxZ, e.g. v5p:2x2x4' if is_3d else 'XxY, e.g. v5e:2x4'}.")
+    return f"{libname}:{rest}", gen
+  if not rest.isdigit() or int(rest) == 0:
+    raise CompileError(f"Unknown TPU topology {name!r}: the part after '-' is a count "
+                       f"(e.g. {gen}-{'128' if counts_cores else '64'}).")
+  n = int(rest)
+  chips = n // 2 if counts_cores else n
+  if counts_cores and n % 2:
+    raise CompileError(f"{name}: {gen}-N counts TensorCores, 2 per chip; N must be even.")
+  if is_3d:
+    dims = _torus_3d(chips)
+  elif chips in _2D:
+    dims = _2D[chips]
+  else:
+    raise CompileError(f"{name}: {gen} slices have {sorted(_2D)} chips; or give the shape, "
+                       f"e.g. {gen}:4x8.")
+  return f"{libname}:{'x'.join(map(str, dims))}", gen
+
+
+def topology_devices(name: str, num_slices: int = 1) -> List[Any]:
+  """Abstract (compile-only) TPU devices of `num_slices` slices of topology `name`."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no real TPU here to contend for
+  libname, gen = libtpu_topology(name)
+  try:
+    import libtpu  # noqa: F401, PLC0415 - only to say how to install it
+  except ImportError:
+    raise CompileError(f"Compiling for TPU needs libtpu, which is not installed. Install it "
+                       f"with: {INSTALL_LIBTPU}") from None
+  from jax.experimental import topologies  # noqa: PLC0415
+  kwargs = dict(num_slices=num_slices) if num_slices > 1 else {}
+  if GENERATIONS[gen][1]:
+    kwargs["chip_config_name"] = "megacore"  # one device per chip, as jax.devices() on a pod
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=libname,
+                                             **kwargs).devices)
+  except Exception as e:  # noqa: BLE001 - libtpu's errors are long; say what was asked
+    raise CompileError(f"libtpu could not make topology {libname!r} (from {name!r}, "
+                       f"{num_slices} slice(s)): {str(e).splitlines()[0]}") from None
+
+
+def make_mesh(mesh_shape: Sequence[int], devices, num_slices: int = 1) -> jax.sharding.Mesh:
+  """The config's (data, fsdp, tensor) mesh over `devices`; slices split the data axis (DCN)."""
+  from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
+  shape = list(mesh_shape)
+  n = len(devices)
+  if shape.count(-1) > 1 or len(shape) != 3:
+    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)}: three entries (data, fsdp, "
+                       "tensor), at most one -1.")
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    shape[shape.index(-1)] = n // rest if n % rest == 0 else -1
+  if -1 in shape or math.prod(shape) != n:
+    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)} does not fit the {n} chips of "
+                       f"this topology: the product of (data, fsdp, tensor) must be {n}. Set "
+                       f"e.g. --config.mesh_shape='(-1,{min(n, 8)},1)'.")
+  if num_slices == 1:
+    return shard_lib.make_mesh(shape, devices)
+  if shape[0] % num_slices:
+    raise CompileError(f"{num_slices} slices split the data axis over DCN, but the mesh's data "
+                       f"axis is {shape[0]}; make it a multiple of {num_slices}.")
+  from jax.experimental import mesh_utils  # noqa: PLC0415
+  ici = (shape[0] // num_slices, shape[1], shape[2])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, shard_lib.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _bytes(shape, dtype) -> int:
+  return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+  return int(sum(_bytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree)))
+
+
+_SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
+
+
+def _shape_bytes(text: str) -> List[int]:
+  out = []
+  for dt, dims in _SHAPE.findall(text):
+    bits = _BITS.get(dt) or int(re.sub(r"\D", "", dt)[:3] or 8)
+    out.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+  return out
+
+
+def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
+  """{kind: {count, bytes}} of the collectives in a compiled module's text.
+
+  Bytes are each op's largest array (the result: gathered for an all-gather).
+  A loop's body is counted once, whatever its trip count.
+  """
+  out = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if m:
+      sizes = _shape_bytes(m.group(1))
+      out[m.group(2)]["count"] += 1
+      out[m.group(2)]["bytes"] += max(sizes) if sizes else 0
+  return out
+
+
+def _hbm(device) -> Optional[int]:
+  return HBM_BYTES.get(device.device_kind)
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One compiled program's per-chip figures."""
+  memory: Dict[str, Optional[int]]
+  cost: Dict[str, Optional[float]]
+  collectives: Dict[str, Dict[str, int]]
+  compile_seconds: float
+
+
+def _summarise(compiled, state_like, batch_like, seconds: float) -> Compiled:
+  ma = compiled.memory_analysis()
+  args = int(ma.argument_size_in_bytes)
+  temps = int(ma.temp_size_in_bytes)
+  code = int(ma.generated_code_size_in_bytes)
+  # Donated arguments alias their outputs: count them once.
+  total = args + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes) + temps + code
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  memory = dict(batch=per_chip_bytes(batch_like), temporaries=temps, generated_code=code,
+                arguments=args, outputs=int(ma.output_size_in_bytes),
+                aliased=int(ma.alias_size_in_bytes), total=total)
+  memory.update(state_like)
+  return Compiled(memory=memory,
+                  cost=dict(flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
+                            optimal_seconds=cost.get("optimal_seconds")),
+                  collectives=collectives(compiled.as_text()), compile_seconds=seconds)
+
+
+def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it."""
+  from sam_jax.build import image_size_hw  # noqa: PLC0415
+  from sam_jax.train import recipe  # noqa: PLC0415
+  h, w = image_size_hw(trainer.mcfg.image_size)
+  mh, mw = recipe.low_res_size(trainer.model)
+  m = trainer.config.data.max_masks
+  return dict(images=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32),
+              masks=jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
+              valid=jax.ShapeDtypeStruct((global_batch, m), jnp.bool_))
+
+
+def batch_ways(mesh) -> int:
+  """How many ways the batch is split: data x fsdp (see sharding.batch_sharding)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def compile_train_step(trainer, global_batch: int) -> Compiled:
+  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`."""
+  from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
+  from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
+  batch = train_batch(trainer, global_batch)
+  t0 = time.time()
+  with compiling_for("tpu"):
+    compiled = trainer.compile_step(batch)
+  seconds = time.time() - t0
+  state = trainer.abstract_state
+  sharded = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard_lib.batch_sharding(
+      trainer.mesh, v.ndim)) for k, v in batch.items()}
+  return _summarise(compiled, dict(params=per_chip_bytes(state["params"]),
+                                   optimizer_state=per_chip_bytes(state["opt_state"])),
+                    sharded, seconds)
+
+
+def compile_encoder(trainer, global_batch: int) -> Compiled:
+  """The image encoder's forward (inference: images to embeddings) compiled at `global_batch`."""
+  from sam_jax.build import image_size_hw  # noqa: PLC0415
+  from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
+  from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
+  mesh, model = trainer.mesh, trainer.model
+  h, w = image_size_hw(trainer.mcfg.image_size)
+  images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32,
+                                sharding=shard_lib.batch_sharding(mesh, 4))
+  params = trainer.abstract_state["params"]
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
+               out_shardings=shard_lib.batch_sharding(mesh, 4))
+  t0 = time.time()
+  with compiling_for("tpu"), jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+    compiled = fn.lower(params, images).compile()
+  return _summarise(compiled, dict(params=per_chip_bytes(params), optimizer_state=0),
+                    dict(images=images), time.time() - t0)
+
+
+def _fits(c: Compiled, hbm: Optional[int]) -> Optional[bool]:
+  return None if hbm is None else c.memory["total"] <= hbm
+
+
+def batch_search(compile_at, ways: int, hbm: int, start: int = 1, limit: int = 4096
+                 ) -> Tuple[int, Dict[int, bool]]:
+  """Largest per-chip batch that fits, by compiling: doubling, then bisecting."""
+  tried: Dict[int, bool] = {}
+
+  def fits(b):
+    if b not in tried:
+      try:
+        tried[b] = bool(compile_at(b * ways).memory["total"] <= hbm)
+      except Exception as e:  # noqa: BLE001 - a compile that runs out of memory also says no
+        if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+          raise
+        tried[b] = False
+    return tried[b]
+
+  if not fits(start):
+    return 0, tried
+  lo, hi = start, start * 2
+  while hi <= limit and fits(hi):
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo, tried
+
+
+def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = False,
+           inference_batch: Optional[int] = None) -> Dict[str, Any]:
+  """Compiles `config`'s training step (and the encoder's forward) for `topology`; the report."""
+  from sam_jax.train import flops as flops_lib  # noqa: PLC0415
+  from sam_jax.train.trainer import Trainer  # noqa: PLC0415
+  devices = topology_devices(topology, num_slices)
+  mesh = make_mesh(config.mesh_shape, devices, num_slices)
+  ways = batch_ways(mesh)
+  if config.batch_size % ways:
+    raise CompileError(f"batch_size {config.batch_size} does not split over the mesh's "
+                       f"data x fsdp = {ways} ways; set --config.batch_size to a multiple "
+                       f"of {ways}.")
+  trainer = Trainer(config, mesh=mesh)
+  kind, hbm, n = devices[0].device_kind, _hbm(devices[0]), len(devices)
+  train = compile_train_step(trainer, config.batch_size)
+  model_flops = flops_lib.train_step_flops(trainer.mcfg, config, trainer.abstract_params,
+                                           train_batch(trainer, config.batch_size))
+  peak = flops_lib.peak_flops(kind, trainer.mcfg.dtype, config.get("peak_flops"))
+  est = train.cost["optimal_seconds"]
+  mfu = (model_flops / n / est / peak) if (est and peak) else None
+  out: Dict[str, Any] = dict(
+      topology=topology, num_slices=num_slices, device_kind=kind, chips=n,
+      mesh=dict(mesh.shape), hbm_per_chip=hbm, global_batch=config.batch_size,
+      per_chip_batch=config.batch_size / ways, dtype=str(trainer.mcfg.dtype),
+      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm)),
+      model_flops_per_step=model_flops, peak_flops_per_chip=peak,
+      cost_model_step_seconds=est, cost_model_mfu=mfu,
+      note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
+            "collectives in loop bodies are counted once"))
+  if do_batch_search and hbm:
+    best, tried = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm)
+    out["train"]["max_per_chip_batch"] = best
+    out["train"]["batch_search"] = {str(k): v for k, v in sorted(tried.items())}
+  if inference_batch is not None:
+    b = inference_batch * ways
+    enc = compile_encoder(trainer, b)
+    out["inference"] = dict(dataclasses.asdict(enc), global_batch=b,
+                            per_chip_batch=inference_batch, fits=_fits(enc, hbm))
+    if do_batch_search and hbm:
+      best, tried = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm)
+      out["inference"]["max_per_chip_batch"] = best
+  return out
+
+
+def _gib(x) -> str:
+  if x is None:
+    return "-"
+  return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
+
+
+def format_table(r: Dict[str, Any]) -> str:
+  """The report as aligned text lines."""
+  rows = [("topology", f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips "
+                       f"({r['device_kind']}), mesh {r['mesh']}"),
+          ("batch", f"global {r['global_batch']}, {r['per_chip_batch']:g} per chip, {r['dtype']}")]
+  sections = [("train step", r["train"])] + ([("encoder forward", r["inference"])]
+                                             if "inference" in r else [])
+  for title, s in sections:
+    m = s["memory"]
+    rows += [(f"{title}: per chip", ""),
+             ("  parameters", _gib(m["params"])), ("  optimizer state", _gib(m["optimizer_state"])),
+             ("  batch", _gib(m["batch"])), ("  temporaries", _gib(m["temporaries"])),
+             ("  total (args+outputs-aliased+temps+code)", _gib(m["total"])),
+             ("  chip HBM", _gib(r["hbm_per_chip"])),
+             ("  fits", {True: "yes", False: "NO", None: "unknown HBM"}[s["fits"]]),
+             ("  compile time here", f"{s['compile_seconds']:.0f} s")]
+    if "max_per_chip_batch" in s:
+      rows.append(("  largest per-chip batch that fits", str(s["max_per_chip_batch"])))
+    if s["cost"]["optimal_seconds"]:
+      rows.append(("  cost model's step time (estimate)", f"{s['cost']['optimal_seconds']:.4g} s"))
+    for k, v in s["collectives"].items():
+      if v["count"]:
+        rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
+  rows += [("model FLOPs per step", f"{r['model_flops_per_step'] / 1e12:.4g} TFLOP"),
+           ("cost model's MFU (estimate)",
+            "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%")]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + f"\n({r['note']})"
+
+
+def run(config, workdir: str, topology: str, num_slices: int = 1, do_batch_search: bool = False,
+        inference_batch: Optional[int] = 1) -> Dict[str, Any]:
+  """The compile mode: writes WORKDIR/compile_report.json, prints the table, returns the report."""
+  if not topology:
+    raise CompileError("--mode=compile needs --topology, e.g. --topology=v5p-128.")
+  r = report(config, topology, num_slices, do_batch_search, inference_batch)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "compile_report.json")
+  with open(path, "w") as f:
+    json.dump(r, f, indent=2)
+  print(format_table(r), flush=True)
+  print(f"Wrote {path}", flush=True)
+  return r

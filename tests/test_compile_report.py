@@ -1,0 +1,143 @@
+"""The compile mode (sam_jax/train/compile_report.py): the tiny model's real step compiled for TPU.
+
+Needs libtpu (the `tpu` extra, in `test`) but no TPU: the devices are abstract.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from sam_jax.train import compile_report as cr
+from sam_jax.train.trainer import Trainer
+
+pytest.importorskip("libtpu")
+
+
+def tiny_config(mesh_shape, batch_size=4, **encoder):
+  c = demo.get_config("quick")
+  c.mesh_shape = mesh_shape
+  c.batch_size = batch_size
+  c.prompts.update(dict(num_rounds=1, num_no_point_rounds=0))  # a short program compiles fast
+  c.model.image_encoder.update(encoder)
+  return c
+
+
+def test_topology_names_as_sold():
+  assert cr.libtpu_topology("v5p-128") == ("v5p:4x4x4", "v5p")  # 128 TensorCores, 64 chips
+  assert cr.libtpu_topology("v5p-8") == ("v5p:2x2x1", "v5p")
+  assert cr.libtpu_topology("v4-32") == ("v4:2x2x4", "v4")
+  assert cr.libtpu_topology("v5p-256") == ("v5p:4x4x8", "v5p")
+  assert cr.libtpu_topology("v5e-64") == ("v5e:8x8", "v5e")  # chips
+  assert cr.libtpu_topology("v6e-8") == ("v6e:2x4", "v6e")
+  assert cr.libtpu_topology("v5p:4x4x4") == ("v5p:4x4x4", "v5p")
+  assert len(cr.topology_devices("v5p-16")) == 8
+  assert len(cr.topology_devices("v5e:2x2", num_slices=2)) == 8
+
+
+@pytest.mark.parametrize("name, match", [("v9-8", "Unknown TPU topology"),
+                                         ("v5p-12", "not a v4/v5p slice size"),
+                                         ("v5e-12", "v5e slices have"),
+                                         ("v5p:4x4", "XxYxZ")])
+def test_unknown_topology_is_a_clear_error(name, match):
+  with pytest.raises(cr.CompileError, match=match):
+    cr.topology_devices(name)
+
+
+def test_mismatched_mesh_is_a_clear_error():
+  devices = cr.topology_devices("v5e:2x2")
+  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+    cr.make_mesh((1, 3, 1), devices)
+  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+    cr.make_mesh((-1, 3, 1), devices)
+  with pytest.raises(cr.CompileError, match="multiple of 2"):
+    cr.make_mesh((1, 8, 1), cr.topology_devices("v5e:2x2", num_slices=2), num_slices=2)
+
+
+def test_collectives_parsed_from_hlo_text():
+  text = """
+  %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dims={0}
+  %all-gather-done = f32[16,8]{1,0} all-gather-done(%all-gather-start)
+  %ar = bf16[1024]{0} all-reduce(bf16[1024]{0} %x), to_apply=%add
+  %rs = f32[2,3]{1,0} reduce-scatter(f32[8,3]{1,0} %y), dimensions={0}
+  """
+  got = cr.collectives(text)
+  assert got["all-gather"] == dict(count=1, bytes=16 * 8 * 4)
+  assert got["all-reduce"] == dict(count=1, bytes=2048)
+  assert got["reduce-scatter"] == dict(count=1, bytes=24)
+  assert got["all-to-all"]["count"] == 0
+
+
+def test_per_chip_state_is_split_by_the_fsdp_degree():
+  trainer = Trainer(tiny_config((1, 4, 1)),
+                    mesh=cr.make_mesh((1, 4, 1), cr.topology_devices("v5e:2x2")))
+  params = trainer.abstract_state["params"]
+  single = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  # Left whole: biases, norms, tables and the patch embedding's 3 input channels.
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
+              if x.sharding.shard_shape(x.shape) == x.shape)
+  assert whole < 0.2 * single
+  per_chip = cr.per_chip_bytes(params)
+  assert per_chip == (single - whole) // 4 + whole
+  # Adam's two moments follow their (trained) parameters.
+  assert 1.9 * per_chip <= cr.per_chip_bytes(trainer.abstract_state["opt_state"]) <= 2 * per_chip
+
+
+@pytest.mark.slow  # the training step's compile: about 4 minutes on 2 busy cores
+def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
+  r = cr.run(tiny_config((1, 4, 1)), str(tmp_path), "v5e:2x2", inference_batch=1)
+  assert (tmp_path / "compile_report.json").exists()
+  assert r["chips"] == 4 and r["mesh"] == dict(data=1, fsdp=4, tensor=1)
+  assert r["device_kind"] == "TPU v5 lite" and r["hbm_per_chip"] == 16 * 2**30
+  m = r["train"]["memory"]
+  # The compiled program's arguments are the fsdp-split state plus the batch, per chip.
+  assert m["arguments"] >= m["params"] + m["optimizer_state"] + m["batch"]
+  assert m["arguments"] < 1.1 * (m["params"] + m["optimizer_state"] + m["batch"])
+  assert m["temporaries"] > 0 and m["total"] > m["arguments"]
+  assert r["train"]["fits"] is True
+  assert r["train"]["cost"]["optimal_seconds"] > 0 and r["cost_model_step_seconds"] > 0
+  assert r["model_flops_per_step"] > 0 and 0 < r["cost_model_mfu"] < 1
+  coll = r["train"]["collectives"]
+  assert coll["all-gather"]["count"] > 0 and coll["all-gather"]["bytes"] > 0  # FSDP's gathers
+  assert coll["reduce-scatter"]["count"] + coll["all-reduce"]["count"] > 0  # its gradients
+  assert r["inference"]["memory"]["total"] > 0 and r["inference"]["fits"] is True
+  table = cr.format_table(r)
+  assert "cost model's step time (estimate)" in table and "fits" in table
+
+
+def _block_collectives(hlo_text, depth):
+  """{block: [(kind, module)] of its collectives}, from the compiled ops' metadata."""
+  out = {i: [] for i in range(depth)}
+  for line in hlo_text.splitlines():
+    op = re.search(r"= .*?\b(" + "|".join(cr.COLLECTIVES) + r")(-start)?\(", line)
+    where = re.search(r'op_name="[^"]*blocks_(\d+)/(attn|mlp)/', line)
+    if op and where:
+      out[int(where.group(1))].append((op.group(1), where.group(2)))
+  return out
+
+
+def test_tensor_parallel_block_is_megatron():
+  """On (1, 1, 4): each block's forward reduces once after attention and once after the
+  MLP, and gathers nothing (heads and the MLP's hidden units stay split)."""
+  c = tiny_config((1, 1, 4), num_heads=4)
+  trainer = Trainer(c, mesh=cr.make_mesh(c.mesh_shape, cr.topology_devices("v5e:2x2")))
+  text = _compiled_text(trainer, 2)
+  depth = c.model.image_encoder.depth
+  assert _block_collectives(text, depth) == {
+      i: [("all-reduce", "attn"), ("all-reduce", "mlp")] for i in range(depth)}
+
+
+def _compiled_text(trainer, batch):
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from sam_jax.build import image_size_hw
+  from sam_jax.modeling.image_encoder import compiling_for
+  from sam_jax.train import sharding as shard_lib
+  model, mesh = trainer.model, trainer.mesh
+  images = jax.ShapeDtypeStruct((batch, *image_size_hw(trainer.mcfg.image_size), 3), jnp.float32,
+                                sharding=shard_lib.batch_sharding(mesh, 4))
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.embed_images))
+  with compiling_for("tpu"), jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+    return fn.lower(trainer.abstract_state["params"], images).compile().as_text()
