@@ -46,6 +46,8 @@ def get_config(arg=None):
   # What does not train: a preset (full, frozen_image_encoder, decoder_only), or
   # regexes over parameter paths such as 'prompt_encoder/.*' (train/param_groups.py).
   c.freeze = "full"
+  # From scratch only: (regex over parameter paths, factor) scaling the fresh init.
+  c.init_scale = ()
 
   c.data = dict(
       train_dir="", eval_dir="",

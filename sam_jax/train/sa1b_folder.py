@@ -22,13 +22,14 @@ links to outside the folder is left out, logged, and named in the dataset's meta
 preparation never stops on one bad file.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -152,6 +153,15 @@ class Sa1bFolder(sa_tfds.Builder, skip_registration=True):
         features=features, disable_shuffling=True,
         metadata=tfds.core.MetadataDict(skipped={}))
 
+  # TFDS prints "Downloading and preparing dataset ..." for every build; a local
+  # folder downloads nothing, so its messages go to the log instead.
+  def _log_download_bytes(self) -> None:
+    logging.info("Preparing %s as a TFDS dataset under %s", self.builder_config.description,
+                 self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Prepared %s", self.data_dir)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     return {"train": self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
@@ -168,14 +178,35 @@ class Sa1bFolder(sa_tfds.Builder, skip_registration=True):
     self.info.metadata["skipped"] = skipped
 
 
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """TFDS's warnings and progress bars off, for the project's own folders.
+
+  A folder's builder config is ours ("Using custom data configuration") and
+  new ("Variant folder ... has no dataset_info.json"): nothing to warn about.
+  Our own messages (a corrupt example left out) use the standard logger and stay.
+  """
+  absl_logger = logging.getLogger("absl")  # TFDS logs through absl
+  level = absl_logger.level
+  bar = tfds.core.utils.tqdm_utils._active  # pylint: disable=protected-access
+  absl_logger.setLevel(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+    tfds.display_progress_bar(bar)
+
+
 def prepare_folder(directory: str, data_dir: str) -> Sa1bFolder:
   """The folder's TFDS builder under `data_dir`, prepared (array_record) if it was not yet."""
   config = tfds.core.BuilderConfig(name=config_name(directory),
                                    description=os.path.abspath(directory))
-  builder = Sa1bFolder(data_dir=data_dir, config=config, file_format="array_record")
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=directory))
+  with quiet_tfds():
+    builder = Sa1bFolder(data_dir=data_dir, config=config, file_format="array_record")
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=directory))
   return builder
 
 

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Dict, Optional
 
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tqdm
 from jax.experimental import multihost_utils
 
 from sam_jax.build import build_sam, image_size_hw
@@ -58,7 +60,33 @@ def initial_params(config, model) -> Any:
   if config.get("model_init"):
     _, params = load_sam(config.model_init, image_size=resolve_model_config(config).image_size)
     return params
-  return init_params(model, jax.random.key(config.seed))
+  return rescale_init(init_params(model, jax.random.key(config.seed)),
+                      config.get("init_scale") or ())
+
+
+def rescale_init(params, rules) -> Any:
+  """Fresh parameters with those whose path (`a/b/kernel`) matches a rule's regex scaled.
+
+  `rules`: (regex, factor) pairs, the first match wins (config.init_scale). Only
+  a run from scratch uses them: a checkpoint's parameters are never changed.
+  """
+  rules = [(re.compile(r), float(f)) for r, f in rules]
+  used = set()
+
+  def scale(path, x):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for i, (r, f) in enumerate(rules):
+      if r.fullmatch(name):
+        used.add(i)
+        return x * f
+    return x
+
+  params = jax.tree_util.tree_map_with_path(scale, params)
+  unused = [rules[i][0].pattern for i in range(len(rules)) if i not in used]
+  if unused:
+    raise ValueError(f"config.init_scale: {unused} match no parameter path; paths look like "
+                     "'mask_decoder/output_hypernetworks_mlps_0/layers_2/kernel'.")
+  return params
 
 
 class Trainer:
@@ -231,6 +259,8 @@ def _prepare_data(config, workdir: str):
     root = os.path.join(workdir, "data")
     train_dir, eval_dir = os.path.join(root, "train"), os.path.join(root, "eval")
     if jax.process_index() == 0:
+      print(f"Writing the demo dataset: {g.num_train} + {g.num_eval} generated images of "
+            f"{g.size} px (train + held-out) in SA-1B's layout under {root}", flush=True)
       demo_data.write_dataset(train_dir, g.num_train, g.size, g.max_shapes, seed=g.seed)
       demo_data.write_dataset(eval_dir, g.num_eval, g.size, g.max_shapes, seed=g.seed + 1,
                               prefix="sa_eval_")
@@ -440,6 +470,9 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
   peak = flops.peak_flops(jax.devices()[0].device_kind, trainer.mcfg.dtype,
                           config.get("peak_flops"))
   step_flops = None
+  bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  log.bar = bar
   try:
     for step in range(start + 1, total + 1):
       batch = next(batches)
@@ -450,6 +483,7 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
+      bar.update(1)
       check_saves(mgr)
       preempted = notice is not None and notice.reached()  # the same step in every process
       should_save = step % config.checkpoint_every == 0 or step == total or preempted
@@ -485,6 +519,7 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
       raise CheckpointSaveError(f"Saving the last checkpoint to {mgr.directory} failed: "
                                 f"{type(e).__name__}: {e}") from e
   finally:
+    bar.close()
     batches.close()  # stops the prefetching thread
     log.close()
     health.write()
@@ -580,6 +615,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.total_steps = config.total_steps
     self.writer = None
+    self.bar = None  # the loop's progress bar: shows the latest loss, prints the line above it
     if config.get("tensorboard") and jax.process_index() == 0:
       from sam_jax.train import tensorboard  # noqa: PLC0415 - tensorboardX only when asked
       self.writer = tensorboard.Writer(os.path.join(workdir, "tensorboard"))
@@ -602,10 +638,16 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
     if self.writer is not None:
       self.writer.write(record["step"], record)
-    print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
-          f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
-          f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
-          f"{record['images_per_s']:.1f} img/s", flush=True)
+    line = (f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+            f"iou(first/last round) {record['iou_per_round'][0]:.3f}/"
+            f"{record['iou_per_round'][-1]:.3f} lr {record['lr']:.2e} "
+            f"{record['images_per_s']:.1f} img/s")
+    if self.bar is None or self.bar.disable:
+      print(line, flush=True)
+      return
+    self.bar.set_postfix_str(f"loss {record['loss']:.4f}, {record['images_per_s']:.1f} img/s",
+                             refresh=False)
+    self.bar.write(line)
 
   def close(self) -> None:
     if self.writer is not None:
@@ -623,20 +665,36 @@ def evaluate_and_export(config, trainer: Trainer, state: State, eval_examples, w
   if eval_examples is not None:
     res = run_eval(trainer.model, params, eval_examples, config.eval)
     out["trained"] = {k: v for k, v in res.items() if k != "pictures"}
+    print(results_table(untrained, out["trained"], config.eval.num_clicks), flush=True)
     if jax.process_index() == 0 and "pictures" in res:
       _write_picture(workdir, res["pictures"])
-    u, k = untrained, str(config.eval.num_clicks)
-    print(f"1-point mIoU: untrained {u.get('miou_1point_default', float('nan')):.3f} -> trained "
-          f"{res['miou_1point_default']:.3f}; box: {u.get('miou_box', float('nan')):.3f} -> "
-          f"{res['miou_box']:.3f}; after {k} points: "
-          f"{u.get('miou_points', {}).get(k, float('nan')):.3f} -> {res['miou_points'][k]:.3f} "
-          f"({res['num_masks']} held-out masks)", flush=True)
   if config.get("export") and jax.process_index() == 0:
     export_dir = os.path.join(workdir, "export")
     save_sam(export_dir, trainer.mcfg, jax.device_get(params), overwrite=True)
     out["export"] = export_dir
     print(f"Exported the trained parameters to {export_dir} (load with sam_jax.checkpoint.load_sam).")
   return out
+
+
+def results_table(untrained: Dict[str, Any], trained: Dict[str, Any], num_points: int) -> str:
+  """The held-out mIoUs before and after training, one prompt per row."""
+  rows = [("1 point", lambda r: r["miou_1point_default"]), ("1 box", lambda r: r["miou_box"])]
+  if num_points > 1:
+    rows.append((f"1 point + {num_points - 1} clicks",
+                 lambda r: r["miou_points"][str(num_points)]))
+
+  def cell(res, get):
+    try:
+      return f"{get(res):.3f}"
+    except KeyError:  # e.g. a resumed run that did not evaluate the untrained model
+      return "-"
+
+  width = max(len(name) for name, _ in rows) + 2
+  lines = [f"Held-out mIoU ({trained['num_masks']} masks):",
+           f"  {'prompt':<{width}}{'untrained':>10}{'trained':>10}"]
+  lines += [f"  {name:<{width}}{cell(untrained, get):>10}{cell(trained, get):>10}"
+            for name, get in rows]
+  return "\n".join(lines)
 
 
 def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
@@ -651,10 +709,10 @@ def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
     logging.warning("Could not count the model FLOPs of a step (no MFU): %s", e)
     return 0.0
   kind = jax.devices()[0].device_kind
-  print(f"Model FLOPs per step: {count / 1e12:.4g} TFLOP; " + (
+  tqdm.tqdm.write(f"Model FLOPs per step: {count / 1e12:.4g} TFLOP; " + (  # above the bar
       f"peak {peak / 1e12:g} TFLOP/s per device ({kind}, {trainer.mcfg.dtype})" if peak else
       f"no peak FLOP/s known for {kind!r} in {trainer.mcfg.dtype}, so no MFU "
-      "(set config.peak_flops)"), flush=True)
+      "(set config.peak_flops)"))
   return count
 
 
@@ -713,7 +771,7 @@ def _write_picture(workdir, pictures):
   titles.append("trained, 1 point")
   path = os.path.join(workdir, "predictions.png")
   evaluate.render(path, pictures["images"], cols, titles, points, valid)
-  print(f"Wrote {path}", flush=True)
+  print(f"Wrote {path}: ground truth and 1-point masks of the held-out images", flush=True)
 
 
 def evaluate_only(config, workdir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
