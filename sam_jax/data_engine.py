@@ -602,8 +602,8 @@ def engine_round(args: argparse.Namespace) -> Dict[str, Any]:
     summary = trainer.train_and_evaluate(config, os.path.join(w, name))
     t = summary["trained"]
     return dict(train_images=sum(f.endswith(".json") for f in os.listdir(train_dir)),
-                miou_1point=t["miou_1point"],
-                miou_box=t["miou_box"], miou_5clicks=t["miou_clicks"][-1],
+                miou_1point=t["miou_1point_default"],
+                miou_box=t["miou_box"], miou_5clicks=t["miou_points"][max(t["miou_points"], key=int)],
                 heldout_masks=t["num_masks"])
 
   # Arms that do not depend on the engine's flags are reused (resumed, then only

@@ -94,7 +94,9 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   m = r["train"]["memory"]
   # The compiled program's arguments are the fsdp-split state plus the batch, per chip.
   assert m["arguments"] >= m["params"] + m["optimizer_state"] + m["batch"]
-  assert m["arguments"] < 1.1 * (m["params"] + m["optimizer_state"] + m["batch"])
+  # TPU layouts pad the tiny model's small arrays to tiles; replicating the state over
+  # the 4 chips would still be about 4 times these bytes.
+  assert m["arguments"] < 2.5 * (m["params"] + m["optimizer_state"] + m["batch"])
   assert m["temporaries"] > 0 and m["total"] > m["arguments"]
   assert r["train"]["fits"] is True
   assert r["train"]["cost"]["optimal_seconds"] > 0 and r["cost_model_step_seconds"] > 0

@@ -158,7 +158,8 @@ def test_flipped_bytes_are_refused_naming_the_array(converted, tmp_path):
   raw[len(raw) // 2:len(raw) // 2 + 400] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:
                                                                       len(raw) // 2 + 400])
   open(data, "wb").write(raw)
-  with pytest.raises(CheckpointError, match=r"checksums(.|\n)*damaged array(.|\n)*kernel"):
+  # The checksum names the array; bytes that no longer decompress are named by the read.
+  with pytest.raises(CheckpointError, match=r"damaged(.|\n)*kernel"):
     load_sam(target)
   load_sam(target, verify=False)  # the opt-out
 
