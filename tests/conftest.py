@@ -1,6 +1,7 @@
 """Shared fixtures and tiny models; the parity maxima measured by the run are printed at the end."""
 
 import collections
+import fcntl
 import functools
 import inspect
 import os
@@ -17,6 +18,19 @@ import pytest  # noqa: E402
 
 PARITY = collections.defaultdict(float)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def memory_lock(request):
+  """Tests marked `memory_heavy` hold a lock that every other test shares, so that under
+  xdist they never run beside another test (two full-size models do not fit in 24 GiB)."""
+  heavy = request.node.get_closest_marker("memory_heavy") is not None
+  with open(os.path.join(ROOT, ".pytest_memory.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX if heavy else fcntl.LOCK_SH)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -247,6 +247,7 @@ def test_onnx_too_many_points_fail_loudly(tiny, onnx_export):
 
 
 @pytest.mark.slow
+@pytest.mark.memory_heavy
 def test_onnx_encoder_full_size_vit_b(tmp_path):
   """ViT-B at 1024 with every tensor random: the ONNX encoder against the reference."""
   ort = pytest.importorskip("onnxruntime")

@@ -18,7 +18,7 @@ from tests.reference import reference_sam, save_and_convert
 from tests.test_sam_vs_reference import end_to_end
 
 FULL_1024 = os.environ.get("SAM_JAX_FULL_1024") == "1"
-pytestmark = pytest.mark.slow  # full-size models
+pytestmark = [pytest.mark.slow, pytest.mark.memory_heavy]  # full-size models
 
 
 def _reference(variant, image_size):

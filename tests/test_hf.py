@@ -282,6 +282,7 @@ def test_non_square_model_cannot_go_to_hf(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.memory_heavy
 def test_parity_full_size_vit_b(tmp_path):
   """Full-size ViT-B (HF's SamVisionConfig defaults) with every tensor random."""
   ref = hf_sam(hidden_size=768, depth=12, heads=12, global_attn_indexes=(2, 5, 8, 11),
