@@ -85,3 +85,18 @@ def tiny_reference_sam() -> Sam:
   """The small randomised reference that the generator and CLI tests share."""
   return reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
                        image_size=256, window_size=7, decoder_mlp_dim=256, seed=0)
+
+
+def random_image_and_prompts(seed, input_hw, n_prompts):
+  """A random image with `n_prompts` prompts of two points and a box each, as the
+  end-to-end parity tests feed both models."""
+  rng = np.random.RandomState(seed)
+  h, w = input_hw
+  image = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
+  coords = np.stack([rng.uniform(0, w, (n_prompts, 2)), rng.uniform(0, h, (n_prompts, 2))],
+                    -1).astype(np.float32)
+  labels = rng.randint(0, 2, (n_prompts, 2))
+  x0, x1 = np.sort(rng.uniform(0, w, (2, n_prompts)), 0)
+  y0, y1 = np.sort(rng.uniform(0, h, (2, n_prompts)), 0)
+  boxes = np.stack([x0, y0, x1, y1], -1).astype(np.float32)
+  return image, coords, labels, boxes

@@ -20,7 +20,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from sam_jax import convert_weights, hf  # noqa: E402
 from sam_jax.checkpoint import load_sam  # noqa: E402
 from tests.conftest import assert_close_abs, assert_close_rel, assert_masks_agree  # noqa: E402
-from tests.reference import randomise_, reference_sam, save_and_convert  # noqa: E402
+from tests.reference import (randomise_, random_image_and_prompts, reference_sam,  # noqa: E402
+                             save_and_convert)
 from tests.test_sam_vs_reference import EMB_REL, LOGIT_ABS, MASK_AGREE  # noqa: E402
 
 
@@ -62,15 +63,8 @@ def small(tmp_path_factory):
 def hf_end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts=3,
                   multimask=True):
   """Both models on one image with points and boxes: embeddings, logits, IoU and masks."""
-  rng = np.random.RandomState(seed)
   h, w = input_hw
-  image = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
-  coords = np.stack([rng.uniform(0, w, (n_prompts, 2)), rng.uniform(0, h, (n_prompts, 2))],
-                    -1).astype(np.float32)
-  labels = rng.randint(0, 2, (n_prompts, 2))
-  x0, x1 = np.sort(rng.uniform(0, w, (2, n_prompts)), 0)
-  y0, y1 = np.sort(rng.uniform(0, h, (2, n_prompts)), 0)
-  boxes = np.stack([x0, y0, x1, y1], -1).astype(np.float32)
+  image, coords, labels, boxes = random_image_and_prompts(seed, input_hw, n_prompts)
   size = ref.config.vision_config.image_size
   pixels = np.array(model.apply({}, image[None], method=model.preprocess)).transpose(0, 3, 1, 2)
   with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_close_abs, assert_close_rel, assert_masks_agree
-from tests.reference import reference_sam, save_and_convert
+from tests.reference import random_image_and_prompts, reference_sam, save_and_convert
 
 EMB_REL, LOGIT_ABS, MASK_AGREE = 1e-4, 1e-3, 0.9999
 
@@ -15,15 +15,8 @@ EMB_REL, LOGIT_ABS, MASK_AGREE = 1e-4, 1e-3, 0.9999
 def end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts=3,
                multimask=True):
   """Runs both models on one image with points and boxes; checks every output."""
-  rng = np.random.RandomState(seed)
   h, w = input_hw
-  image = rng.uniform(0, 255, (h, w, 3)).astype(np.float32)
-  coords = np.stack([rng.uniform(0, w, (n_prompts, 2)), rng.uniform(0, h, (n_prompts, 2))],
-                    -1).astype(np.float32)
-  labels = rng.randint(0, 2, (n_prompts, 2))
-  x0, x1 = np.sort(rng.uniform(0, w, (2, n_prompts)), 0)
-  y0, y1 = np.sort(rng.uniform(0, h, (2, n_prompts)), 0)
-  boxes = np.stack([x0, y0, x1, y1], -1).astype(np.float32)
+  image, coords, labels, boxes = random_image_and_prompts(seed, input_hw, n_prompts)
   with torch.no_grad():
     out = ref([{
         "image": torch.from_numpy(image).permute(2, 0, 1),
