@@ -156,8 +156,8 @@ class Sa1bFolder(sa_tfds.Builder, skip_registration=True):
   # TFDS prints "Downloading and preparing dataset ..." for every build; a local
   # folder downloads nothing, so its messages go to the log instead.
   def _log_download_bytes(self) -> None:
-    logging.info("Preparing %s as a TFDS dataset under %s", self.builder_config.description,
-                 self.data_dir)
+    logging.info("Preparing %s as a TFDS dataset under %s",
+                 getattr(self.builder_config, "description", self.name), self.data_dir)
 
   def _log_download_done(self) -> None:
     logging.info("Prepared %s", self.data_dir)
