@@ -33,13 +33,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+# SIGTERM's clean stop exits as train.py's does (docs/preemption.md).
+from sam_jax.train.preemption import EXIT_CODE as PREEMPTED_EXIT
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 STATS_FILE = "engine_stats.json"
 RUN_FILE = "engine_run.json"  # the settings of the run that owns OUT; a rerun must match them
 TMP_SUFFIX = ".engine-tmp"
-# SIGTERM's clean stop, as train.py's (docs/preemption.md): sysexits' EX_TEMPFAIL, "rerun";
-# neither 0 (a scheduler would take it for finished) nor 1 (an error).
-PREEMPTED_EXIT = 75
 SOURCE_KEY = "source"  # where an annotation came from ("auto" or "human"); readers ignore it
 
 # The paper's fully automatic stage (Kirillov et al., "Segment Anything", 2023,

@@ -37,6 +37,13 @@ def test_topology_names_as_sold():
   assert len(cr.topology_devices("v5e:2x2", num_slices=2)) == 8
 
 
+def test_a_mesh_axis_may_span_two_sides_of_the_torus():
+  # fsdp 8 on v5p-128's 4x4x4: no side is 8 long, so the axis takes 4 x 2 of two sides.
+  mesh = cr.make_mesh((-1, 8, 1), cr.topology_devices("v5p-128"))
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 8, "tensor": 1}
+  assert len(set(mesh.devices.flat)) == 64
+
+
 @pytest.mark.parametrize("name, match", [("v9-8", "Unknown TPU topology"),
                                          ("v5p-12", "not a v4/v5p slice size"),
                                          ("v5e-12", "v5e slices have"),

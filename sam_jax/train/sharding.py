@@ -18,6 +18,7 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,8 +74,14 @@ def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
     shape[shape.index(-1)] = len(devices) // rest
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {shape} does not use the {len(devices)} devices")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  try:
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+  except NotImplementedError:
+    # An axis that is no product of the torus' sides (8 on a 4x4x4 v5p) spans
+    # parts of two of them: allowed, at some cost in the collectives' links.
+    grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_axes(path, x) -> Tuple:
