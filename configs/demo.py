@@ -42,6 +42,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = tiny_model(128)
+  # The encoder runs once per image, the decoder once per round and mask (12 x 32 per
+  # step, most of a step's cost): a wider, deeper encoder is cheap (docs/demo.md).
+  c.model.image_encoder.update(dict(embed_dim=128, depth=4, num_heads=4,
+                                    global_attn_indexes=(1, 3)))
   c.model_init = None  # a sam_jax checkpoint directory to fine-tune from
   # What does not train: a preset (full, frozen_image_encoder, decoder_only), or
   # regexes over parameter paths such as 'prompt_encoder/.*' (train/param_groups.py).
@@ -69,8 +73,9 @@ def get_config(arg=None):
   common.paper_prompts_and_loss(c, box_noise_max_px=20.0 * 128 / 1024)  # scaled to 128 px
   if quick:
     c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
+  # b2 0.95: Adam's second moment forgets the first steps' large gradients sooner (docs/demo.md).
   c.optim = dict(lr=2e-3, warmup_steps=20, decay_steps=(500,),
-                 decay_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
+                 decay_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS)
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
