@@ -93,8 +93,7 @@ def _decode_in_slots(module: Sam, *inputs):
   axis is the input's length T, never a shape N + K computed from it, which
   jax2onnx 0.12.5 converts to a wrong constant (docs/export.md)."""
   emb, dense, sparse, labels = _embed(module, *inputs)
-  out = module.mask_decoder.output_tokens()
-  k = out.shape[0]
+  out, k = module.mask_decoder.output_tokens(), _slots(module)
   # An iota rather than jnp.arange: jax2onnx replaces arange of a symbolic length.
   slot = jax.lax.broadcasted_iota(jnp.int32, labels.shape, 1)
   tokens = jnp.where((slot < k)[..., None], out[jnp.minimum(slot, k - 1)], sparse)
