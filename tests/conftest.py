@@ -123,6 +123,16 @@ def tiny_sam(tmp_path_factory):
   return ref, directory, model, params
 
 
+@pytest.fixture(scope="module")
+def small_conversion(tmp_path_factory):
+  """A small randomised reference SAM (2 blocks of width 64, 128 px) saved as a .pth
+  and converted: (reference, .pth path, checkpoint directory, model, params)."""
+  from tests.reference import reference_sam, save_and_convert  # noqa: PLC0415 - torch
+  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
+                      image_size=128, seed=3)
+  return (ref, *save_and_convert(ref, tmp_path_factory.mktemp("convert")))
+
+
 # --- tests on several CPU devices ---------------------------------------------
 
 DEVICES_ENV = "SAM_JAX_TEST_CPU_DEVICES"
