@@ -6,7 +6,9 @@ Generates `--images` examples as SA-1B has them (a ~1500x2250 JPEG and ~100
 COCO-RLE masks each), then times `data.train_batches` (decode, resize, pad,
 mask sampling and downscaling) with each number of worker threads. Set the
 result against what the chips consume (images per second per chip from the
-compile report: global batch / step time / chips); docs/tpu.md.
+compile report: global batch / step time / chips); docs/tpu.md. Images per
+CPU-second (the process's CPU time, all threads) is the rate per busy host core,
+which a loaded machine does not change much; images/s is wall time.
 """
 
 import argparse
@@ -66,15 +68,19 @@ def main(argv=None):
     it = data_lib.train_batches(src, args.batch, seed=0, start_step=0, prefetch=1,
                                 num_threads=workers)
     next(it)  # warm-up (thread pool start, first decode)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     for _ in range(args.batches):
       next(it)
-    dt = time.time() - t0
+    dt, cpu = time.time() - t0, time.process_time() - c0
     it.close()
-    ips = args.batch * args.batches / dt
-    rows.append(dict(workers=workers, images_per_s=ips, images_per_s_per_worker=ips / workers))
-    print(f"{workers} worker thread(s): {ips:.2f} images/s ({ips / workers:.2f} per worker)",
-          flush=True)
+    n = args.batch * args.batches
+    ips = n / dt
+    # Images per CPU-second of this process (all its threads): what one busy host core
+    # delivers, whatever else shares the machine.
+    rows.append(dict(workers=workers, images_per_s=ips, images_per_s_per_worker=ips / workers,
+                     images_per_cpu_second=n / cpu))
+    print(f"{workers} worker thread(s): {ips:.2f} images/s ({ips / workers:.2f} per worker), "
+          f"{n / cpu:.2f} images per CPU-second", flush=True)
   if args.output:
     with open(args.output, "w") as f:
       json.dump(dict(args=vars(args), jpeg_kb=jpeg_kb, rows=rows), f, indent=2)

@@ -35,14 +35,13 @@ import numpy as np
 
 from sam_jax import outputs
 from sam_jax.checkpoint import CheckpointError, load_sam
-from sam_jax.modeling.prompt_encoder import NOT_A_POINT, PADDING
+from sam_jax.modeling.prompt_encoder import NOT_A_POINT
 from sam_jax.modeling.sam import Sam
 from sam_jax.outputs import OutputError
 
 FORMATS = ("stablehlo", "onnx")
 MANIFEST = "export.json"
 ONNX_OPSET = 18  # jax2onnx 0.12 writes opset-18 reductions (axes as an input); onnxruntime >= 1.14 loads it
-MAX_POINTS = 16  # the ONNX decoder's most points (see _onnx_pad_points)
 # ONNX protobufs stop at 2 GiB: larger weights go to a side file.
 _ONNX_INLINE_LIMIT = 1_500_000_000
 FILES = {
@@ -65,27 +64,60 @@ def encoder_fn(model: Sam, params) -> Callable:
   return encode
 
 
-def _decode_all(module: Sam, image_embeddings, point_coords, point_labels, mask_input,
-                has_mask_input):
+def _embed(module: Sam, image_embeddings, point_coords, point_labels, mask_input,
+           has_mask_input):
+  """Meta's ONNX decoder inputs -> image embeddings (1, h, w, C), the dense prompt's
+  embedding (1, h, w, C), point embeddings (1, N, C) and integer labels (1, N)."""
   pe = module.prompt_encoder
   emb = jnp.transpose(image_embeddings, (0, 2, 3, 1))
   # Meta's ONNX labels: -1 the not-a-point token, 0 and 1 points, 2 and 3 box corners;
-  # below -1, padding that no attention sees (the ONNX decoder pads to a fixed count).
+  # below -1, padding that no attention sees.
   labels = jnp.round(point_labels).astype(jnp.int32)
   sparse = pe.embed_points(point_coords, labels)
   has = has_mask_input.reshape(-1, 1, 1, 1).astype(emb.dtype)
   dense = (has * pe.embed_masks(mask_input[:, 0])
            + (1 - has) * pe.no_mask_embed.embedding[0])
-  masks, iou = module.mask_decoder(emb, pe.get_dense_pe(), sparse[:, None], dense[:, None],
-                                   "all", (labels >= NOT_A_POINT)[:, None])
+  return emb, dense, sparse, labels
+
+
+def _decode_all(module: Sam, *inputs):
+  emb, dense, sparse, labels = _embed(module, *inputs)
+  masks, iou = module.mask_decoder(emb, module.prompt_encoder.get_dense_pe(), sparse[:, None],
+                                   dense[:, None], "all", (labels >= NOT_A_POINT)[:, None])
   return iou[:, 0], masks[:, 0]
 
 
-def decoder_fn(model: Sam, params) -> Callable:
-  """Meta's ONNX decoder inputs, less orig_im_size -> (iou_predictions, low_res_masks)."""
+def _decode_in_slots(module: Sam, *inputs):
+  """`_decode_all` on points whose first K = `_slots(model)` entries are only
+  places for the decoder's own output tokens, which it writes there: the token
+  axis is the input's length T, never a shape N + K computed from it, which
+  jax2onnx 0.12.5 converts to a wrong constant (docs/export.md)."""
+  emb, dense, sparse, labels = _embed(module, *inputs)
+  out, k = module.mask_decoder.output_tokens(), _slots(module)
+  # An iota rather than jnp.arange: jax2onnx replaces arange of a symbolic length.
+  slot = jax.lax.broadcasted_iota(jnp.int32, labels.shape, 1)
+  tokens = jnp.where((slot < k)[..., None], out[jnp.minimum(slot, k - 1)], sparse)
+  mask = (slot < k) | (labels >= NOT_A_POINT)  # no Where on booleans: onnxruntime lacks it
+  masks, iou = module.mask_decoder.decode_tokens(
+      (emb + dense)[:, None], module.prompt_encoder.get_dense_pe(), None, tokens[:, None],
+      mask[:, None], "all")
+  return iou[:, 0], masks[:, 0]
+
+
+def _slots(model: Sam) -> int:
+  return 1 + model.mask_decoder.num_mask_tokens
+
+
+def decoder_fn(model: Sam, params, slots: bool = False) -> Callable:
+  """Meta's ONNX decoder inputs, less orig_im_size -> (iou_predictions, low_res_masks).
+
+  `slots`: the points come after `_slots(model)` entries whose values are
+  ignored (`_decode_in_slots`), the program the ONNX export converts.
+  """
+  method = _decode_in_slots if slots else _decode_all
   def decode(image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
     return model.apply({"params": params}, image_embeddings, point_coords, point_labels,
-                       mask_input, has_mask_input, method=_decode_all)
+                       mask_input, has_mask_input, method=method)
   return decode
 
 
@@ -164,32 +196,21 @@ class _Graph:
     return output
 
 
-def _onnx_pad_points(graph, max_points: int) -> None:
-  """Meta's point inputs of any length N <= max_points, padded to the converted
-  graph's fixed max_points with labels that no attention sees.
-
-  jax2onnx (0.12) lowers a shape derived from a symbolic one (the N + 5 tokens)
-  to a wrong constant, so the converted decoder has a fixed token count; the
-  padding is masked out of every attention, which leaves the masks of the N
-  real points unchanged. More than max_points points fail in the Reshape.
-  """
+def _onnx_point_slots(graph, slots: int) -> None:
+  """Meta's point inputs, of any length N, each preceded by `slots` zeros: the
+  converted graph (`decoder_fn(slots=True)`) writes its output tokens there."""
   from onnx import TensorProto, helper
-  g = _Graph(graph, "pad_points_")
+  g = _Graph(graph, "point_slots_")
   i64 = TensorProto.INT64
-  for node in graph.node:  # the converted graph reads the padded inputs
+  for node in graph.node:  # the converted graph reads the slotted inputs
     for j, name in enumerate(node.input):
       if name in ("point_coords", "point_labels"):
-        node.input[j] = f"{name}_padded"
-  n = g("Slice", [g("Shape", ["point_labels"]), g.const("one", [1], i64), g.const("two", [2], i64)])
-  pad = g("Max", [g("Sub", [g.const("max", [max_points], i64), n]), g.const("zero", [0], i64)])
-  # Pads are (begins, ends) per axis: the points axis (1) gets `pad` at its end.
-  coord_pads = g("Concat", [g.const("z4", [0, 0, 0, 0], i64), pad, g.const("z1", [0], i64)], axis=0)
-  label_pads = g("Concat", [g.const("z3", [0, 0, 0], i64), pad], axis=0)
-  g("Reshape", [g("Pad", ["point_coords", coord_pads]),
-                g.const("coords_shape", [1, max_points, 2], i64)], "point_coords_padded")
-  g("Reshape", [g("Pad", ["point_labels", label_pads,
-                          g.const("label", [float(PADDING)], TensorProto.FLOAT)]),
-                g.const("labels_shape", [1, max_points], i64)], "point_labels_padded")
+        node.input[j] = f"{name}_slotted"
+  # Pads are (begins, ends) per axis: the points axis (1) gets `slots` at its beginning.
+  g("Pad", ["point_coords", g.const("coord_pads", [0, slots, 0, 0, 0, 0], i64)],
+    "point_coords_slotted")
+  g("Pad", ["point_labels", g.const("label_pads", [0, slots, 0, 0], i64)],
+    "point_labels_slotted")
   for node in reversed(g.nodes):
     graph.node.insert(0, node)
   inputs = list(graph.input)
@@ -253,25 +274,27 @@ def _save_onnx(proto, directory: str, name: str) -> List[str]:
   return [f"{name}.onnx", f"{name}.onnx.data"]
 
 
-def export_onnx(model: Sam, params, directory: str, opset: int = ONNX_OPSET,
-                max_points: int = MAX_POINTS) -> Dict:
+def export_onnx(model: Sam, params, directory: str, opset: int = ONNX_OPSET) -> Dict:
   try:
     import jax2onnx  # noqa: F401
     import onnx  # noqa: F401
   except ImportError as e:
     raise ExportError("ONNX export needs: pip install 'sam_jax[export]'.") from e
+  # The decoder's points with their slots: T = N + slots, named, so never computed from N.
+  slots = _slots(model)
+  t, = jax.export.symbolic_shape("T", constraints=(f"T >= {slots}",))
   specs = {k: jax.ShapeDtypeStruct(shape, dtype)
-           for k, (shape, dtype) in _specs(model, 1, max_points).items()}
+           for k, (shape, dtype) in _specs(model, 1, t).items()}
   specs["images"] = _specs(model, "B", 1)["images"][0]  # a dynamic batch: the shape, named
   manifest = {}
   encoder = _to_onnx(encoder_fn(model, params), specs, *ENCODER_IO, opset)
   manifest["encoder"] = dict(files=_save_onnx(encoder, directory, "encoder"), opset=opset,
                              **_onnx_io(encoder))
-  decoder = _to_onnx(decoder_fn(model, params), specs, *DECODER_IO, opset)
-  _onnx_pad_points(decoder.graph, max_points)
+  decoder = _to_onnx(decoder_fn(model, params, slots=True), specs, *DECODER_IO, opset)
+  _onnx_point_slots(decoder.graph, slots)
   _onnx_postprocessing(decoder.graph, model.image_size[0])
   manifest["decoder"] = dict(files=_save_onnx(decoder, directory, "decoder"), opset=opset,
-                             max_points=max_points, **_onnx_io(decoder))
+                             **_onnx_io(decoder))
   return manifest
 
 
@@ -287,8 +310,7 @@ def _onnx_io(proto) -> Dict:
 # ---------------------------------------------------------------------------- the command
 
 def export(checkpoint: str, output: str, fmt: str, overwrite: bool = False,
-           platforms: Sequence[str] = (), opset: int = ONNX_OPSET,
-           max_points: int = MAX_POINTS) -> Dict:
+           platforms: Sequence[str] = (), opset: int = ONNX_OPSET) -> Dict:
   """Writes the encoder and the decoder of `checkpoint` to `output`; returns the manifest."""
   if fmt not in FORMATS:
     raise ExportError(f"Unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -304,7 +326,7 @@ def export(checkpoint: str, output: str, fmt: str, overwrite: bool = False,
     if fmt == "stablehlo":
       programs = export_stablehlo(model, params, tmp, platforms or (jax.default_backend(),))
     else:
-      programs = export_onnx(model, params, tmp, opset, max_points)
+      programs = export_onnx(model, params, tmp, opset)
     manifest = dict(
         format=fmt, checkpoint=os.path.abspath(checkpoint), image_size=h,
         pixel_mean=list(model.pixel_mean), pixel_std=list(model.pixel_std), **programs)
@@ -324,13 +346,15 @@ def main(argv=None) -> int:
                       help="StableHLO: comma-separated platforms to lower for (cpu,cuda,tpu); "
                            "default: this machine's")
   parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset")
-  parser.add_argument("--max-points", type=int, default=MAX_POINTS,
-                      help="ONNX: the most points (boxes count two) the decoder takes")
+  parser.add_argument("--max-points", help=argparse.SUPPRESS)  # gone: named in its error
   args = parser.parse_args(argv)
+  if args.max_points is not None:
+    parser.error("--max-points is gone: the ONNX decoder takes any number of points. "
+                 "Drop the flag.")
   try:
     platforms = [p for p in args.platforms.split(",") if p]
     manifest = export(args.checkpoint, args.output, args.format, args.overwrite, platforms,
-                      args.opset, args.max_points)
+                      args.opset)
   except (ExportError, CheckpointError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -5,8 +5,11 @@ import fcntl
 import functools
 import inspect
 import os
+import socket
 import subprocess
 import sys
+import time
+from typing import Optional
 
 # The test extra installs libtpu (for the TPU compile tests, which need no TPU): without
 # this, every JAX start on a machine without TPUs tries and logs a TPU client error.
@@ -120,6 +123,16 @@ def tiny_sam(tmp_path_factory):
   return ref, directory, model, params
 
 
+@pytest.fixture(scope="module")
+def small_conversion(tmp_path_factory):
+  """A small randomised reference SAM (2 blocks of width 64, 128 px) saved as a .pth
+  and converted: (reference, .pth path, checkpoint directory, model, params)."""
+  from tests.reference import reference_sam, save_and_convert  # noqa: PLC0415 - torch
+  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
+                      image_size=128, seed=3)
+  return (ref, *save_and_convert(ref, tmp_path_factory.mktemp("convert")))
+
+
 # --- tests on several CPU devices ---------------------------------------------
 
 DEVICES_ENV = "SAM_JAX_TEST_CPU_DEVICES"
@@ -152,6 +165,83 @@ def with_cpu_devices(count: int, xla_flags: str = ""):
       assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     return run
   return decorate
+
+
+# --- random models and jobs of several processes ----------------------------------
+
+
+def random_params(abstract, seed: int = 0):
+  """Parameters drawn without an init compile: unit-scale activations through every
+  kernel, LayerNorm scales near 1, biases and tables (rel_pos included) non-zero."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    z = rng.standard_normal(x.shape).astype(np.float32)
+    if path[-1].key == "kernel":
+      return z / np.sqrt(np.prod(x.shape[:-1]))
+    return 1 + 0.1 * z if path[-1].key == "scale" else 0.1 * z
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def write_random_checkpoint(directory: str, mcfg, seed: int = 0) -> str:
+  """A sam_jax checkpoint of `random_params` for the model config `mcfg`."""
+  from sam_jax.build import build_sam  # noqa: PLC0415
+  from sam_jax.checkpoint import abstract_params, save_sam  # noqa: PLC0415
+  save_sam(directory, mcfg, random_params(abstract_params(build_sam(mcfg)), seed))
+  return directory
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def cpu_env(devices: int, xla_flags: str = FAST_COMPILE_FLAGS, **extra) -> dict:
+  """A subprocess's environment: this checkout first, `devices` CPU devices."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}")
+
+
+class Processes:
+  """Commands started together (the processes of one job), each logging to a file:
+  a full pipe would stall a process."""
+
+  def __init__(self, log_dir, commands: dict, env: dict, envs: Optional[dict] = None):
+    """`commands`: {name: argv}; `env`, or `envs`[name] where given: the environment."""
+    self.logs, self.procs = {}, {}
+    for name, argv in commands.items():
+      self.logs[name] = os.path.join(str(log_dir), f"{name}.log")
+      with open(self.logs[name], "w") as log:
+        self.procs[name] = subprocess.Popen(
+            argv, cwd=ROOT, env=(envs or {}).get(name, env), stdout=log,
+            stderr=subprocess.STDOUT)
+
+  def log(self, name) -> str:
+    with open(self.logs[name]) as f:
+      return f.read()
+
+  def tails(self, size: int = 4000) -> str:
+    return "\n".join(f"--- {name}:\n{self.log(name)[-size:]}" for name in self.procs)
+
+  def wait(self, timeout: float = 300, stop_at_failure: bool = True) -> dict:
+    """Exit statuses once all have ended; at `timeout`, or once one has failed (its
+    peers would wait on it), the rest are killed."""
+    deadline = time.time() + timeout
+    try:
+      while time.time() < deadline and any(p.poll() is None for p in self.procs.values()):
+        if stop_at_failure and any(p.poll() for p in self.procs.values()):
+          break
+        time.sleep(0.1)
+    finally:
+      for p in self.procs.values():
+        if p.poll() is None:
+          p.kill()
+    return {name: p.wait() for name, p in self.procs.items()}
+
+  def succeed(self, timeout: float = 300) -> None:
+    codes = self.wait(timeout)
+    assert set(codes.values()) == {0}, f"exit statuses {codes}\n{self.tails()}"
 
 
 def record(name: str, value: float) -> float:

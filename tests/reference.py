@@ -4,6 +4,7 @@ matching sam_jax model converted from the saved `.pth`, for parity tests."""
 import functools
 import os
 
+import jax
 import numpy as np
 import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
@@ -100,3 +101,18 @@ def random_image_and_prompts(seed, input_hw, n_prompts):
   y0, y1 = np.sort(rng.uniform(0, h, (2, n_prompts)), 0)
   boxes = np.stack([x0, y0, x1, y1], -1).astype(np.float32)
   return image, coords, labels, boxes
+
+
+def sam_jax_end_to_end(model, params, image, coords, labels, boxes, original_hw, multimask):
+  """sam_jax on the same inputs, jitted: (embeddings, low-res logits, IoU, masks)."""
+  h, w = image.shape[:2]
+
+  @jax.jit
+  def run(params, image, coords, labels, boxes):
+    variables = {"params": params}
+    emb = model.apply(variables, image[None], method=model.embed_images)
+    logits, iou = model.apply(variables, emb, coords[None], labels[None], boxes[None],
+                              None, multimask, method=model.decode)
+    masks = model.apply(variables, logits[0], (h, w), original_hw, method=model.postprocess_masks)
+    return emb, logits[0], iou[0], masks
+  return run(params, image, coords, labels, boxes)

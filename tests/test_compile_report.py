@@ -6,7 +6,6 @@ Needs libtpu (the `tpu` extra, in `test`) but no TPU: the devices are abstract.
 import re
 
 import jax
-import numpy as np
 import pytest
 
 from configs import demo
@@ -35,6 +34,13 @@ def test_topology_names_as_sold():
   assert cr.libtpu_topology("v5p:4x4x4") == ("v5p:4x4x4", "v5p")
   assert len(cr.topology_devices("v5p-16")) == 8
   assert len(cr.topology_devices("v5e:2x2", num_slices=2)) == 8
+
+
+def test_time_bounds_say_what_bounds_the_step():
+  cost = dict(flops=459e12, bytes_accessed=2 * 2.765e12, optimal_seconds=2.5)
+  b = cr.time_bounds(cost, "TPU v5", 459e12)
+  assert (b["compute_seconds"], b["hbm_seconds"], b["bound"]) == (1.0, 2.0, "memory")
+  assert cr.time_bounds(dict(flops=None), "TPU v9", None)["bound"] is None
 
 
 def test_a_mesh_axis_may_span_two_sides_of_the_torus():

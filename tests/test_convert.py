@@ -7,15 +7,11 @@ import torch
 
 from sam_jax import convert_weights
 from sam_jax.checkpoint import CheckpointError, load_sam
-from tests.reference import reference_sam, save_and_convert
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("convert")
-  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                      image_size=128, seed=3)
-  pth, out, model, params = save_and_convert(ref, tmp)
+def converted(small_conversion):
+  ref, pth, out, _, _ = small_conversion
   return ref, pth, out
 
 

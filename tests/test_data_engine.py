@@ -10,10 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,15 +21,13 @@ from pycocotools import mask as mask_utils
 from configs.demo import tiny_model
 from sam_jax import data_engine
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_jax.build import build_sam
-from sam_jax.checkpoint import abstract_params, save_sam
 from sam_jax.train import data as train_data
 from sam_jax.train import demo_data
+from tests.conftest import Processes, cpu_env, free_port, write_random_checkpoint
 
 # Runs are compared, not timed: compiled without XLA's optimisations.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN = ["--points-per-side", "4", "--crop-n-layers", "0", "--pred-iou-thresh", "0",
         "--stability-score-thresh", "0", "--min-mask-region-area", "0", "--box-nms-thresh", "0.9",
         "--max-mask-fraction", "1.01", "--quiet"]
@@ -48,18 +43,8 @@ def tiny_model_config():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  mcfg = tiny_model_config()
-  rng = np.random.default_rng(0)
-
-  def draw(path, x):
-    z = rng.standard_normal(x.shape).astype(np.float32)
-    if path[-1].key == "kernel":
-      return z / np.sqrt(np.prod(x.shape[:-1]))
-    return 1 + 0.1 * z if path[-1].key == "scale" else 0.1 * z
-  directory = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  save_sam(directory, mcfg, jax.tree_util.tree_map_with_path(
-      draw, abstract_params(build_sam(mcfg))))
-  return directory
+  return write_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"),
+                                 tiny_model_config())
 
 
 @pytest.fixture(scope="module")
@@ -336,37 +321,16 @@ def test_tfds_input(checkpoint, shapes, tmp_path):
   assert (out / first).read_bytes() == open(os.path.join(gt, "sa_000000.jpg"), "rb").read()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_annotate_disjoint_halves(checkpoint, shapes, tmp_path):
   images, _ = shapes
   out = tmp_path / "out"
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = []
-  for pid in (0, 1):
-    log = open(tmp_path / f"p{pid}.log", "w")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "sam_jax.data_engine", "annotate", "--checkpoint", checkpoint,
-         "--input", images, "--output", str(out), *OPEN, "--coordinator_address",
-         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-  deadline = time.time() + 300
-  while time.time() < deadline and any(p.poll() is None for p in procs):
-    if any(p.poll() for p in procs):
-      break
-    time.sleep(0.2)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  for pid, p in enumerate(procs):
-    assert p.wait() == 0, open(tmp_path / f"p{pid}.log").read()[-4000:]
+  port = free_port()
+  Processes(tmp_path, {f"p{pid}": [
+      sys.executable, "-m", "sam_jax.data_engine", "annotate", "--checkpoint", checkpoint,
+      "--input", images, "--output", str(out), *OPEN, "--coordinator_address",
+      f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid)] for pid in (0, 1)},
+            cpu_env(2, xla_flags="")).succeed(timeout=300)
   names = expected_names(images)
   assert outputs(out) == names
   stats = read_json(out / data_engine.STATS_FILE)

@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 

@@ -5,16 +5,13 @@ own devices; the per-mask scores are gathered, and process 0 writes eval.json.
 """
 
 import json
-import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import FAST_COMPILE_FLAGS, ROOT
-from tests.test_train_multiprocess import _free_port, _write_model_init
+from tests.conftest import Processes, cpu_env, free_port
+from tests.test_train_multiprocess import _write_model_init
 
 FLAGS = ["--config=configs/demo.py:quick", "--config.data.generate.num_train=2",
          "--config.data.generate.num_eval=5", "--config.data.generate.size=64",
@@ -25,32 +22,15 @@ FLAGS = ["--config=configs/demo.py:quick", "--config.data.generate.num_train=2",
 def test_two_processes_evaluate_like_one(tmp_path):
   model = str(tmp_path / "model")
   _write_model_init(model)
-  port = _free_port()
-  runs = {}
+  port = free_port()
+  commands = {}
   for name, extra in (("p0", ["--process_id=0"]), ("p1", ["--process_id=1"]), ("single", [])):
     workdir = tmp_path / ("single" if name == "single" else "shared")
     if extra:
       extra += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}")
-    with open(tmp_path / f"{name}.log", "w") as log:
-      runs[name] = subprocess.Popen(
-          [sys.executable, "train.py", "--mode=eval", f"--workdir={workdir}",
-           f"--checkpoint={model}", *FLAGS, *extra],
-          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 300
-    while time.time() < deadline and any(p.poll() is None for p in runs.values()):
-      if any(p.poll() for p in runs.values()):
-        break
-      time.sleep(0.2)
-  finally:
-    for proc in runs.values():
-      if proc.poll() is None:
-        proc.kill()
-  for name, proc in runs.items():
-    with open(tmp_path / f"{name}.log") as f:
-      assert proc.wait() == 0, f"{name} (exit {proc.returncode}):\n{f.read()[-6000:]}"
+    commands[name] = [sys.executable, "train.py", "--mode=eval", f"--workdir={workdir}",
+                      f"--checkpoint={model}", *FLAGS, *extra]
+  Processes(tmp_path, commands, cpu_env(2)).succeed(timeout=300)
   with open(tmp_path / "shared" / "eval.json") as f:
     shared = json.load(f)
   with open(tmp_path / "single" / "eval.json") as f:

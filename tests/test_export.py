@@ -152,6 +152,26 @@ def test_stablehlo_runs_without_sam_jax(tiny, stablehlo, tmp_path):
                 ours=False)
 
 
+def test_decoder_in_slots_equals_decoder(tiny):
+  """The program the ONNX export converts: the points after slots whose values
+  it ignores (random here) give the decoder's outputs."""
+  ref, _, model, params, _ = tiny
+  inputs = decoder_inputs(ref, 3, seed=5)
+  args = [inputs[k] for k in ex.DECODER_IO[0]]
+  iou, low = jax.jit(ex.decoder_fn(model, params))(*args)
+  k = ex._slots(model)
+  rng = np.random.RandomState(0)
+  slotted = dict(zip(ex.DECODER_IO[0], args))
+  slotted["point_coords"] = np.concatenate(
+      [rng.uniform(0, 128, (1, k, 2)).astype(np.float32), inputs["point_coords"]], axis=1)
+  slotted["point_labels"] = np.concatenate(
+      [rng.randint(-2, 4, (1, k)).astype(np.float32), inputs["point_labels"]], axis=1)
+  got_iou, got_low = jax.jit(ex.decoder_fn(model, params, slots=True))(
+      *[slotted[k] for k in ex.DECODER_IO[0]])
+  assert_close_abs(got_low, low, LOGIT_ABS, "decoder in slots vs decoder, low-res logits")
+  assert_close_abs(got_iou, iou, LOGIT_ABS, "decoder in slots vs decoder, IoU")
+
+
 def test_manifest(stablehlo):
   manifest = json.loads((stablehlo / ex.MANIFEST).read_text())
   assert manifest["encoder"]["inputs"]["images"]["shape"] == ["B", 128, 128, 3]
@@ -174,6 +194,17 @@ def test_bad_input_writes_nothing(tiny, tmp_path, capsys):
     assert "not a sam_jax checkpoint directory" in capsys.readouterr().err
   assert not out.exists()
   assert not [p for p in os.listdir(tmp_path) if "sam_jax-tmp" in p]
+
+
+def test_max_points_is_gone(tiny, tmp_path, capsys):
+  _, directory, _, _, _ = tiny
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit):
+    ex.main(["--checkpoint", str(directory), "--output", str(out), "--format", "onnx",
+             "--max-points", "16"])
+  assert "--max-points is gone: the ONNX decoder takes any number of points" in (
+      capsys.readouterr().err)
+  assert not out.exists()
 
 
 def test_existing_output_is_kept(tiny, stablehlo, tmp_path, capsys):
@@ -223,8 +254,9 @@ def test_onnx_encoder_dynamic_batch(tiny, onnx_export):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [1, 3, 10])
+@pytest.mark.parametrize("n", [1, 3, 10, 40])
 def test_onnx_decoder_meta_io(tiny, onnx_export, n):
+  """Any number of points: 40 is more than the 16 that earlier exports padded to."""
   ref, _, model, params, _ = tiny
   sessions, _ = onnx_export
   decoder = sessions["decoder"]
@@ -236,14 +268,17 @@ def test_onnx_decoder_meta_io(tiny, onnx_export, n):
 
 
 @pytest.mark.slow
-def test_onnx_too_many_points_fail_loudly(tiny, onnx_export):
-  ref, _, _, _, _ = tiny
-  sessions, out = onnx_export
+def test_onnx_manifest(onnx_export):
+  _, out = onnx_export
   manifest = json.loads((out / ex.MANIFEST).read_text())
-  assert manifest["decoder"]["max_points"] == ex.MAX_POINTS
-  inputs = decoder_inputs(ref, ex.MAX_POINTS + 1, seed=0)
-  with pytest.raises(Exception, match="point_labels_padded|point_coords_padded"):
-    sessions["decoder"].run(None, inputs)
+  assert manifest["encoder"]["inputs"]["images"]["shape"] == ["B", 128, 128, 3]
+  decoder = manifest["decoder"]
+  assert decoder["inputs"]["point_coords"]["shape"] == [1, "N", 2]
+  assert decoder["inputs"]["point_labels"]["shape"] == [1, "N"]
+  assert list(decoder["inputs"]) == ex.ONNX_DECODER_IO[0]
+  assert list(decoder["outputs"]) == ex.ONNX_DECODER_IO[1]
+  assert "max_points" not in decoder
+  assert sorted(os.listdir(out)) == ["decoder.onnx", "encoder.onnx", ex.MANIFEST]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from sam_jax import convert_weights, hf  # noqa: E402
 from sam_jax.checkpoint import load_sam  # noqa: E402
 from tests.conftest import assert_close_abs, assert_close_rel, assert_masks_agree  # noqa: E402
 from tests.reference import (randomise_, random_image_and_prompts, reference_sam,  # noqa: E402
-                             save_and_convert)
+                             sam_jax_end_to_end, save_and_convert)
 from tests.test_sam_vs_reference import EMB_REL, LOGIT_ABS, MASK_AGREE  # noqa: E402
 
 
@@ -63,7 +63,6 @@ def small(tmp_path_factory):
 def hf_end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts=3,
                   multimask=True):
   """Both models on one image with points and boxes: embeddings, logits, IoU and masks."""
-  h, w = input_hw
   image, coords, labels, boxes = random_image_and_prompts(seed, input_hw, n_prompts)
   size = ref.config.vision_config.image_size
   pixels = np.array(model.apply({}, image[None], method=model.preprocess)).transpose(0, 3, 1, 2)
@@ -76,15 +75,8 @@ def hf_end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prom
   masks_ref = processor.post_process_masks(
       [out.pred_masks[0]], [original_hw], [input_hw], pad_size={"height": size, "width": size})[0]
 
-  @jax.jit
-  def run(params, image, coords, labels, boxes):
-    variables = {"params": params}
-    emb = model.apply(variables, image[None], method=model.embed_images)
-    logits, iou = model.apply(variables, emb, coords[None], labels[None], boxes[None],
-                              None, multimask, method=model.decode)
-    masks = model.apply(variables, logits[0], (h, w), original_hw, method=model.postprocess_masks)
-    return emb, logits[0], iou[0], masks
-  emb, logits, iou, masks = run(params, image, coords, labels, boxes)
+  emb, logits, iou, masks = sam_jax_end_to_end(model, params, image, coords, labels, boxes,
+                                                original_hw, multimask)
   assert_close_rel(emb, emb_ref.numpy().transpose(0, 2, 3, 1), EMB_REL,
                    f"HF image embeddings ({tag})")
   assert_close_abs(logits, out.pred_masks[0].numpy(), LOGIT_ABS, f"HF low-res logits ({tag})")

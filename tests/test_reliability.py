@@ -16,15 +16,11 @@ from sam_jax import amg as amg_cli
 from sam_jax import convert_weights
 from sam_jax import predict as predict_cli
 from sam_jax.checkpoint import CheckpointError, load_manifest, load_sam, verify_checksums
-from tests.reference import reference_sam, save_and_convert
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("convert")
-  ref = reference_sam(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                      image_size=128, seed=3)
-  pth, out, _, params = save_and_convert(ref, tmp)
+def converted(small_conversion):
+  _, pth, out, _, params = small_conversion
   return pth, out, params
 
 

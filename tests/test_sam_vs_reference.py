@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import assert_close_abs, assert_close_rel, assert_masks_agree
-from tests.reference import random_image_and_prompts, reference_sam, save_and_convert
+from tests.reference import (random_image_and_prompts, reference_sam, sam_jax_end_to_end,
+                             save_and_convert)
 
 EMB_REL, LOGIT_ABS, MASK_AGREE = 1e-4, 1e-3, 0.9999
 
@@ -15,7 +16,6 @@ EMB_REL, LOGIT_ABS, MASK_AGREE = 1e-4, 1e-3, 0.9999
 def end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts=3,
                multimask=True):
   """Runs both models on one image with points and boxes; checks every output."""
-  h, w = input_hw
   image, coords, labels, boxes = random_image_and_prompts(seed, input_hw, n_prompts)
   with torch.no_grad():
     out = ref([{
@@ -27,15 +27,8 @@ def end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts
     }], multimask_output=multimask)[0]
     emb_ref = ref.image_encoder(ref.preprocess(torch.from_numpy(image).permute(2, 0, 1))[None])
 
-  @jax.jit
-  def run(params, image, coords, labels, boxes):
-    variables = {"params": params}
-    emb = model.apply(variables, image[None], method=model.embed_images)
-    logits, iou = model.apply(variables, emb, coords[None], labels[None], boxes[None],
-                              None, multimask, method=model.decode)
-    masks = model.apply(variables, logits[0], (h, w), original_hw, method=model.postprocess_masks)
-    return emb, logits[0], iou[0], masks
-  emb, logits, iou, masks = run(params, image, coords, labels, boxes)
+  emb, logits, iou, masks = sam_jax_end_to_end(model, params, image, coords, labels, boxes,
+                                                original_hw, multimask)
   assert_close_rel(emb, emb_ref.numpy().transpose(0, 2, 3, 1), EMB_REL, f"image embeddings ({tag})")
   assert_close_abs(logits, out["low_res_logits"].numpy(), LOGIT_ABS, f"low-res logits ({tag})")
   assert_close_abs(iou, out["iou_predictions"].numpy(), LOGIT_ABS, f"IoU predictions ({tag})")

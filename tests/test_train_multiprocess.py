@@ -8,19 +8,16 @@ of the checkpoints, and process 0 exports the parameters gathered from both.
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from sam_jax.build import build_sam
-from sam_jax.checkpoint import abstract_params, load_sam, save_sam
+from sam_jax.checkpoint import load_sam
 from sam_jax.train import trainer
-from tests.conftest import FAST_COMPILE_FLAGS, ROOT, one_block_train_config
+from tests.conftest import (Processes, cpu_env, free_port, one_block_train_config,
+                            write_random_checkpoint)
 
 
 def small_config():
@@ -51,22 +48,7 @@ def worker(process_id: int, port: int, workdir: str, model_init: str) -> None:
 
 def _write_model_init(directory: str) -> None:
   """Random parameters of `small_config`'s model, as a checkpoint (no init compile)."""
-  mcfg = small_config().model
-  rng = np.random.default_rng(0)
-
-  def draw(path, x):
-    z = rng.standard_normal(x.shape).astype(np.float32)
-    if path[-1].key == "kernel":
-      return z / np.sqrt(np.prod(x.shape[:-1]))
-    return 1 + 0.1 * z if path[-1].key == "scale" else 0.1 * z
-  save_sam(directory, mcfg, jax.tree_util.tree_map_with_path(
-      draw, abstract_params(build_sam(mcfg))))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  write_random_checkpoint(directory, small_config().model)
 
 
 def _losses(stdout: str) -> dict:
@@ -77,36 +59,15 @@ def _losses(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   model_init = str(tmp_path / "model_init")
   _write_model_init(model_init)
-  port = _free_port()
-  runs = {}  # name: Popen; output to files, as a full pipe would stall a process
-  for name, pid, devices in (("p0", 0, 2), ("p1", 1, 2), ("single", -1, 4)):
-    workdir = tmp_path / ("single" if pid < 0 else "shared")
-    run_env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                   f"{FAST_COMPILE_FLAGS}")
-    with open(tmp_path / f"{name}.log", "w") as log:
-      runs[name] = subprocess.Popen(
-          [sys.executable, "-m", "tests.test_train_multiprocess", str(pid), str(port),
-           str(workdir), model_init],
-          cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT)
-  try:  # until all have finished, one has failed (its peer would wait) or 5 minutes
-    deadline = time.time() + 300
-    while time.time() < deadline and any(p.poll() is None for p in runs.values()):
-      if any(p.poll() for p in runs.values()):
-        break
-      time.sleep(0.2)
-  finally:
-    for proc in runs.values():
-      if proc.poll() is None:
-        proc.kill()
-  out = {}
-  for name, proc in runs.items():
-    with open(tmp_path / f"{name}.log") as f:
-      log = f.read()
-    assert proc.wait() == 0, f"{name} (exit {proc.returncode}):\n{log[-6000:]}"
-    out[name] = _losses(log)
+  port = free_port()
+  commands = {name: [sys.executable, "-m", "tests.test_train_multiprocess", str(pid), str(port),
+                     str(tmp_path / ("single" if pid < 0 else "shared")), model_init]
+              for name, pid in (("p0", 0), ("p1", 1), ("single", -1))}
+  runs = Processes(tmp_path, commands, cpu_env(2), envs=dict(single=cpu_env(4)))
+  runs.succeed(timeout=300)
+  out = {name: _losses(runs.log(name)) for name in commands}
 
   # The single process ran the same partitioned program on the same (1, 2, 2) mesh of
   # 4 local devices; only the collectives' transport (gloo between the processes)

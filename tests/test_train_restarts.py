@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,7 +18,7 @@ import pytest
 
 from sam_jax.checkpoint import load_sam
 from sam_jax.train import preemption
-from tests.conftest import FAST_COMPILE_FLAGS, ROOT
+from tests.conftest import Processes, cpu_env, free_port
 from tests.test_train_multiprocess import _flatten, _write_model_init, small_config
 
 pytestmark = pytest.mark.slow
@@ -68,37 +66,25 @@ def restart_config(mesh_shape=(1, 2, 2), batch_size=4):
   return config
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Run:
+class Run(Processes):
   """One job: `num_processes` processes with `devices` CPU devices each, on one workdir."""
 
   def __init__(self, tmp_path, name, workdir, model_init, num_processes=2, devices=2,
                mesh_shape=(1, 2, 2), **extra):
-    self.logs = [tmp_path / f"{name}.{i}.log" for i in range(num_processes)]
-    self.workdir, port = str(workdir), _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
-               # Every run of a topology compiles the same programs: once, for all the tests.
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    self.procs = []
-    for i in range(num_processes):
-      args = dict(num_processes=num_processes, process_id=i, port=port, workdir=self.workdir,
-                  model_init=model_init, mesh_shape=mesh_shape, **extra)
-      with open(self.logs[i], "w") as log:  # a file: a full pipe would stall the process
-        self.procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)],
-                                           cwd=ROOT, env=env, stdout=log,
-                                           stderr=subprocess.STDOUT))
+    self.workdir, port = str(workdir), free_port()
+    # Every run of a topology compiles the same programs: once, for all the tests.
+    env = cpu_env(devices, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    super().__init__(tmp_path, {
+        f"{name}.{i}": [sys.executable, "-c", SCRIPT, json.dumps(dict(
+            num_processes=num_processes, process_id=i, port=port, workdir=self.workdir,
+            model_init=model_init, mesh_shape=mesh_shape, **extra))]
+        for i in range(num_processes)}, env)
+    self.names = list(self.procs)
 
-  def log(self, i: int) -> str:
-    with open(self.logs[i]) as f:
-      return f.read()
+  def log(self, i) -> str:
+    return super().log(self.names[i] if isinstance(i, int) else i)
 
   def steps_logged(self) -> int:
     try:
@@ -112,30 +98,23 @@ class Run:
     deadline = time.time() + timeout
     while self.steps_logged() < step:
       assert time.time() < deadline, f"no step {step} in {timeout} s:\n{self.log(0)[-3000:]}"
-      assert all(p.poll() is None for p in self.procs), self._tails()
+      assert all(p.poll() is None for p in self.procs.values()), self.tails()
       time.sleep(0.05)
 
-  def wait(self, timeout: float = 900) -> list:
-    """The exit statuses, once all processes have ended (or been killed at `timeout`)."""
-    deadline = time.time() + timeout
-    try:
-      while time.time() < deadline and any(p.poll() is None for p in self.procs):
-        time.sleep(0.1)
-    finally:
-      for p in self.procs:
-        if p.poll() is None:
-          p.kill()
-    return [p.wait() for p in self.procs]
+  def codes(self, timeout: float = 900) -> list:
+    """The exit statuses in process order, once all have ended (or been killed at `timeout`)."""
+    codes = self.wait(timeout, stop_at_failure=False)
+    return [codes[n] for n in self.names]
 
   def finish(self, timeout: float = 900) -> dict:
     """Process 0's losses after every process exited 0."""
-    codes = self.wait(timeout)
-    assert codes == [0] * len(codes), f"exit statuses {codes}\n{self._tails()}"
+    codes = self.codes(timeout)
+    assert codes == [0] * len(codes), f"exit statuses {codes}\n{self.tails()}"
     line = [x for x in self.log(0).splitlines() if x.startswith("LOSSES ")]
     return json.loads(line[0][len("LOSSES "):])
 
-  def _tails(self) -> str:
-    return "\n".join(f"--- process {i}:\n{self.log(i)[-4000:]}" for i in range(len(self.procs)))
+  def process(self, i: int):
+    return self.procs[self.names[i]]
 
 
 def _checkpoints(workdir) -> list:
@@ -172,11 +151,11 @@ def test_sigterm_saves_a_common_step_and_the_rerun_continues(tmp_path, reference
   run = Run(tmp_path, "cut", tmp_path / "run", reference["model_init"])
   run.wait_for_step(1)
   sent = time.time()
-  for p in run.procs:
+  for p in run.procs.values():
     p.send_signal(signal.SIGTERM)
-  codes = run.wait(timeout=60)
+  codes = run.codes(timeout=60)
   took = time.time() - sent
-  assert codes == [preemption.EXIT_CODE] * 2, run._tails()
+  assert codes == [preemption.EXIT_CODE] * 2, run.tails()
   assert took < 30, f"exited {took:.1f} s after SIGTERM"
   saved = [int(run.log(i).split("saved the checkpoint of step ")[1].split(";")[0])
            for i in range(2)]
@@ -192,9 +171,9 @@ def test_sigterm_saves_a_common_step_and_the_rerun_continues(tmp_path, reference
 def test_kill_9_of_one_process_ends_the_other_and_the_rerun_resumes(tmp_path, reference):
   run = Run(tmp_path, "cut", tmp_path / "run", reference["model_init"])
   run.wait_for_step(EVERY + 2)  # mid-step (steps are most of the run's time)
-  run.procs[1].kill()
+  run.process(1).kill()
   killed = time.time()
-  codes = run.wait(timeout=120)
+  codes = run.codes(timeout=120)
   took = time.time() - killed
   # Process 0 fails its next collective with process 1 (gloo: connection closed), or its
   # heartbeats go unanswered for heartbeat_timeout_seconds (30 s here): not a hang.
@@ -206,7 +185,7 @@ def test_kill_9_of_one_process_ends_the_other_and_the_rerun_resumes(tmp_path, re
 def test_kill_9_of_both_while_a_checkpoint_is_written(tmp_path, reference):
   run = Run(tmp_path, "cut", tmp_path / "run", reference["model_init"],
             kill_after_save=2 * EVERY)  # each SIGKILLs itself once that save has started
-  assert run.wait() == [-signal.SIGKILL] * 2, run._tails()
+  assert run.codes() == [-signal.SIGKILL] * 2, run.tails()
   _resume_and_compare(tmp_path, run.workdir, reference)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sam_jax.train import sharding, trainer
 from tests.conftest import (FAST_COMPILE_FLAGS, fake_batch, one_block_train_config,
-                            with_cpu_devices)
+                            random_params, with_cpu_devices)
 
 
 @pytest.mark.slow
@@ -25,20 +25,11 @@ def test_eight_device_step_equals_one_device_step_and_restores_across_meshes():
   config.optim.update(dict(layer_decay=0.8, warmup_steps=0))  # a non-zero first lr
   batch = fake_batch(config, batch_size=4)
 
-  def draw(path, x, rng):  # no init compile; unit LayerNorm scales, non-zero rel_pos
-    z = rng.standard_normal(x.shape).astype(np.float32)
-    leaf = path[-1].key
-    if leaf == "kernel":
-      return z / np.sqrt(np.prod(x.shape[:-1]))
-    return 1 + 0.1 * z if leaf == "scale" else 0.1 * z
-
   results, live, trainers, memory = {}, {}, {}, {}
   for name, shape, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                                ("eight", (2, 2, 2), jax.devices())):
     tr = trainer.Trainer(config, sharding.make_mesh(shape, devices))
-    rng = np.random.default_rng(0)
-    state = tr.init_state(jax.tree_util.tree_map_with_path(
-        lambda p, x: draw(p, x, rng), tr.abstract_params))
+    state = tr.init_state(random_params(tr.abstract_params))  # no init compile
     if name == "eight":  # really sharded: FSDP on a kernel, tensor on an MLP
       spec = state["params"]["image_encoder"]["blocks_0"]["mlp"]["lin1"]["kernel"].sharding.spec
       assert tuple(spec) == ("fsdp", "tensor"), spec

@@ -125,19 +125,35 @@ class MaskDecoder(nn.Module):
     return self._decode(cache.src, cache.image_pe, cache.first_layer, sparse_prompt_embeddings,
                         multimask_output, sparse_prompt_mask)
 
+  def output_tokens(self) -> jax.Array:
+    """The IoU token, then the mask tokens: (1 + M, C), the first tokens of every prompt."""
+    return jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
+
   def _decode(self, src, image_pe, first_layer, sparse_prompt_embeddings, multimask_output,
               sparse_prompt_mask):
-    dim, n_masks = self.transformer_dim, self.num_mask_tokens
     b, p = sparse_prompt_embeddings.shape[:2]
-    output_tokens = jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
+    output_tokens = self.output_tokens()
     tokens = jnp.concatenate(
         [jnp.broadcast_to(output_tokens, (b, p, *output_tokens.shape)), sparse_prompt_embeddings],
         axis=2)
     token_mask = None
     if sparse_prompt_mask is not None:
       token_mask = jnp.concatenate(
-          [jnp.ones((b, p, 1 + n_masks), bool), sparse_prompt_mask.astype(bool)], axis=2)
+          [jnp.ones((b, p, 1 + self.num_mask_tokens), bool), sparse_prompt_mask.astype(bool)],
+          axis=2)
+    return self.decode_tokens(src, image_pe, first_layer, tokens, token_mask, multimask_output)
 
+  def decode_tokens(self, src, image_pe, first_layer, tokens, token_mask, multimask_output
+                    ) -> Tuple[jax.Array, jax.Array]:
+    """`__call__` on the whole token array, `output_tokens()` first, then the prompt's.
+
+    src: the image embeddings plus the dense prompt embedding, (B, P or 1, h, w, C);
+    first_layer: as `ImageCache.first_layer`, or None; tokens (B, P, T, C) and
+    token_mask (B, P, T) or None. The ONNX export builds the tokens itself, so
+    that no shape it traces is the prompt's length plus a constant.
+    """
+    dim, n_masks = self.transformer_dim, self.num_mask_tokens
+    b, p = tokens.shape[:2]
     h, w = src.shape[-3:-1]
     hs, src = self.transformer(src, image_pe, tokens, token_mask, first_layer,
                                num_outputs=1 + n_masks)

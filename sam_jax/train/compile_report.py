@@ -44,6 +44,14 @@ HBM_BYTES = {
     "TPU v5 lite": 16 * 2**30,  # v5e
     "TPU v6 lite": 32 * 2**30,  # v6e
 }
+# HBM bandwidth of one chip, bytes/s, by JAX device_kind (the vendor's figures).
+HBM_BANDWIDTH = {
+    "TPU v4": 1.2e12,
+    "TPU v5": 2.765e12,  # v5p
+    "TPU v5p": 2.765e12,
+    "TPU v5 lite": 0.819e12,  # v5e
+    "TPU v6 lite": 1.64e12,  # v6e
+}
 # Single-slice 2-D shapes of v5e/v6e by chip count (as provisioned).
 _2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
        128: (8, 16), 256: (16, 16)}
@@ -269,6 +277,21 @@ def compile_encoder(trainer, global_batch: int) -> Compiled:
                     dict(images=images), time.time() - t0)
 
 
+def time_bounds(cost: Dict[str, Optional[float]], device_kind: str,
+                peak_flops: Optional[float]) -> Dict[str, Optional[float]]:
+  """Where the cost model's time goes: the program's FLOPs at the chip's peak and its
+  HBM bytes at full bandwidth, each a lower bound on the step (both from XLA's cost
+  analysis, which does not see inside Pallas kernels)."""
+  bandwidth = HBM_BANDWIDTH.get(device_kind)
+  flops, moved = cost.get("flops"), cost.get("bytes_accessed")
+  compute = flops / peak_flops if flops and peak_flops else None
+  memory = moved / bandwidth if moved and bandwidth else None
+  bound = None if compute is None or memory is None else (
+      "memory" if memory > compute else "compute")
+  return dict(compute_seconds=compute, hbm_seconds=memory, bound=bound,
+              hbm_bandwidth=bandwidth)
+
+
 def _fits(c: Compiled, hbm: Optional[int]) -> Optional[bool]:
   return None if hbm is None else c.memory["total"] <= hbm
 
@@ -323,7 +346,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
       topology=topology, num_slices=num_slices, device_kind=kind, chips=n,
       mesh=dict(mesh.shape), hbm_per_chip=hbm, global_batch=config.batch_size,
       per_chip_batch=config.batch_size / ways, dtype=str(trainer.mcfg.dtype),
-      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm)),
+      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm),
+                 time_bounds=time_bounds(train.cost, kind, peak)),
       model_flops_per_step=model_flops, peak_flops_per_chip=peak,
       cost_model_step_seconds=est, cost_model_mfu=mfu,
       note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
@@ -336,7 +360,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
     b = inference_batch * ways
     enc = compile_encoder(trainer, b)
     out["inference"] = dict(dataclasses.asdict(enc), global_batch=b,
-                            per_chip_batch=inference_batch, fits=_fits(enc, hbm))
+                            per_chip_batch=inference_batch, fits=_fits(enc, hbm),
+                            time_bounds=time_bounds(enc.cost, kind, peak))
     if do_batch_search and hbm:
       best, tried = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm)
       out["inference"]["max_per_chip_batch"] = best
@@ -369,6 +394,13 @@ def format_table(r: Dict[str, Any]) -> str:
       rows.append(("  largest per-chip batch that fits", str(s["max_per_chip_batch"])))
     if s["cost"]["optimal_seconds"]:
       rows.append(("  cost model's step time (estimate)", f"{s['cost']['optimal_seconds']:.4g} s"))
+    bounds = s.get("time_bounds") or {}
+    if bounds.get("compute_seconds"):
+      rows.append(("  XLA's FLOPs at peak (lower bound)", f"{bounds['compute_seconds']:.4g} s"))
+    if bounds.get("hbm_seconds"):
+      rows.append(("  HBM bytes at full bandwidth (lower bound)",
+                   f"{bounds['hbm_seconds']:.4g} s ({s['cost']['bytes_accessed'] / 1e12:.3g} TB"
+                   f"; {bounds['bound']}-bound)"))
     for k, v in s["collectives"].items():
       if v["count"]:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
