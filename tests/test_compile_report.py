@@ -17,6 +17,7 @@ pytest.importorskip("libtpu")
 
 def tiny_config(mesh_shape, batch_size=4, **encoder):
   c = demo.get_config("quick")
+  c.model = demo.tiny_model(128)  # 2 blocks of width 64: the smallest program that has it all
   c.mesh_shape = mesh_shape
   c.batch_size = batch_size
   c.prompts.update(dict(num_rounds=1, num_no_point_rounds=0))  # a short program compiles fast
