@@ -42,6 +42,8 @@ def test_time_bounds_say_what_bounds_the_step():
   b = cr.time_bounds(cost, "TPU v5", 459e12)
   assert (b["compute_seconds"], b["hbm_seconds"], b["bound"]) == (1.0, 2.0, "memory")
   assert cr.time_bounds(dict(flops=None), "TPU v9", None)["bound"] is None
+  # A negative time (libtpu's v6e cost model gives them) is no estimate.
+  assert cr.valid_seconds(-795.8) is None and cr.valid_seconds(0.63) == 0.63
 
 
 def test_a_mesh_axis_may_span_two_sides_of_the_torus():

@@ -220,8 +220,15 @@ def _summarise(compiled, state_like, batch_like, seconds: float) -> Compiled:
   memory.update(state_like)
   return Compiled(memory=memory,
                   cost=dict(flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
-                            optimal_seconds=cost.get("optimal_seconds")),
+                            optimal_seconds=valid_seconds(cost.get("optimal_seconds")),
+                            optimal_seconds_reported=cost.get("optimal_seconds")),
                   collectives=collectives(compiled.as_text()), compile_seconds=seconds)
+
+
+def valid_seconds(x: Optional[float]) -> Optional[float]:
+  """The cost model's time, or None where it gave none or a meaningless one (libtpu
+  0.0.42's v6e model answers negative times)."""
+  return x if x is not None and x > 0 else None
 
 
 def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -394,6 +401,9 @@ def format_table(r: Dict[str, Any]) -> str:
       rows.append(("  largest per-chip batch that fits", str(s["max_per_chip_batch"])))
     if s["cost"]["optimal_seconds"]:
       rows.append(("  cost model's step time (estimate)", f"{s['cost']['optimal_seconds']:.4g} s"))
+    elif s["cost"].get("optimal_seconds_reported") is not None:
+      rows.append(("  cost model's step time (estimate)",
+                   f"none (it reported {s['cost']['optimal_seconds_reported']:.4g} s)"))
     bounds = s.get("time_bounds") or {}
     if bounds.get("compute_seconds"):
       rows.append(("  XLA's FLOPs at peak (lower bound)", f"{bounds['compute_seconds']:.4g} s"))
