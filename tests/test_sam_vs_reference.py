@@ -16,6 +16,13 @@ EMB_REL, LOGIT_ABS, MASK_AGREE = 1e-4, 1e-3, 0.9999
 def end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts=3,
                multimask=True):
   """Runs both models on one image with points and boxes; checks every output."""
+  expected = reference_outputs(ref, input_hw, original_hw, seed, n_prompts, multimask)
+  check_against(expected, model, params, tag)
+
+
+def reference_outputs(ref, input_hw, original_hw, seed=0, n_prompts=3, multimask=True):
+  """The reference's outputs on a random image with points and boxes, and its inputs:
+  what `check_against` compares sam_jax with, once `ref` may be freed."""
   image, coords, labels, boxes = random_image_and_prompts(seed, input_hw, n_prompts)
   with torch.no_grad():
     out = ref([{
@@ -26,13 +33,18 @@ def end_to_end(ref, model, params, input_hw, original_hw, tag, seed=0, n_prompts
         "boxes": torch.from_numpy(boxes),
     }], multimask_output=multimask)[0]
     emb_ref = ref.image_encoder(ref.preprocess(torch.from_numpy(image).permute(2, 0, 1))[None])
+  return dict(inputs=(image, coords, labels, boxes), original_hw=original_hw,
+              multimask=multimask, embeddings=emb_ref.numpy().transpose(0, 2, 3, 1),
+              **{k: out[k].numpy() for k in ("low_res_logits", "iou_predictions", "masks")})
 
-  emb, logits, iou, masks = sam_jax_end_to_end(model, params, image, coords, labels, boxes,
-                                                original_hw, multimask)
-  assert_close_rel(emb, emb_ref.numpy().transpose(0, 2, 3, 1), EMB_REL, f"image embeddings ({tag})")
-  assert_close_abs(logits, out["low_res_logits"].numpy(), LOGIT_ABS, f"low-res logits ({tag})")
-  assert_close_abs(iou, out["iou_predictions"].numpy(), LOGIT_ABS, f"IoU predictions ({tag})")
-  assert_masks_agree(masks > 0, out["masks"].numpy(), MASK_AGREE,
+
+def check_against(expected, model, params, tag):
+  emb, logits, iou, masks = sam_jax_end_to_end(model, params, *expected["inputs"],
+                                                expected["original_hw"], expected["multimask"])
+  assert_close_rel(emb, expected["embeddings"], EMB_REL, f"image embeddings ({tag})")
+  assert_close_abs(logits, expected["low_res_logits"], LOGIT_ABS, f"low-res logits ({tag})")
+  assert_close_abs(iou, expected["iou_predictions"], LOGIT_ABS, f"IoU predictions ({tag})")
+  assert_masks_agree(masks > 0, expected["masks"], MASK_AGREE,
                      f"binary masks, fraction differing ({tag})")
 
 
