@@ -31,9 +31,26 @@ def memory_lock(request):
   with open(os.path.join(ROOT, ".pytest_memory.lock"), "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX if heavy else fcntl.LOCK_SH)
     try:
+      if heavy:
+        _release_memory()
       yield
     finally:
+      if heavy:
+        _release_memory()
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _release_memory() -> None:
+  """Hands this worker's freed memory back to the system: compiled programs of earlier
+  tests, and the heap glibc keeps after large frees (a full-size model is GBs)."""
+  import ctypes  # noqa: PLC0415
+  import gc  # noqa: PLC0415
+  gc.collect()
+  jax.clear_caches()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 @pytest.fixture(autouse=True, scope="session")
