@@ -185,7 +185,11 @@ def test_kill_9_of_one_process_ends_the_other_and_the_rerun_resumes(tmp_path, re
 def test_kill_9_of_both_while_a_checkpoint_is_written(tmp_path, reference):
   run = Run(tmp_path, "cut", tmp_path / "run", reference["model_init"],
             kill_after_save=2 * EVERY)  # each SIGKILLs itself once that save has started
-  assert run.codes() == [-signal.SIGKILL] * 2, run.tails()
+  codes = run.codes()
+  # The first to die closes the coordination service's socket; the other may poll that
+  # error and abort (SIGABRT) before it reaches its own kill: either way the job died.
+  assert -signal.SIGKILL in codes, run.tails()
+  assert set(codes) <= {-signal.SIGKILL, -signal.SIGABRT}, run.tails()
   _resume_and_compare(tmp_path, run.workdir, reference)
 
 
