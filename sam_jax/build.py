@@ -55,8 +55,6 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
           transformer_num_heads=8,
           transformer_mlp_dim=2048,
           attention_downsample_rate=2,
-          upscale_channels=0,  # 0: prompt_embed_dim // 8, as the reference
-          pe_before_upscale=False,  # True: the dense PE is added before upscaling
       ),
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),

@@ -62,13 +62,6 @@ class MaskDecoder(nn.Module):
   transformer_num_heads: int = 8
   transformer_mlp_dim: int = 2048
   attention_downsample_rate: int = 2
-  # Channels of the upscaled embedding that the hypernetworks' outputs dot with;
-  # 0 is the reference's transformer_dim // 8.
-  upscale_channels: int = 0
-  # Add the dense positional encoding to the transformer's image output before
-  # upscaling, so that a pixel's logit can depend on its position directly (the
-  # reference adds it only to the attention's queries and keys).
-  pe_before_upscale: bool = False
 
   @property
   def num_mask_tokens(self) -> int:
@@ -82,11 +75,10 @@ class MaskDecoder(nn.Module):
         dim, self.transformer_depth, self.transformer_num_heads, self.transformer_mlp_dim,
         self.attention_downsample_rate)
     # Names follow the reference's nn.Sequential indexes (activations hold 2 and 4).
-    out_chans = self.upscale_channels or dim // 8
-    self.output_upscaling_0 = SubpixelConvTranspose(max(dim // 4, out_chans))
+    self.output_upscaling_0 = SubpixelConvTranspose(dim // 4)
     self.output_upscaling_1 = layer_norm_2d(name=None)
-    self.output_upscaling_3 = SubpixelConvTranspose(out_chans)
-    self.output_hypernetworks_mlps = [MLP(dim, out_chans, 3) for _ in range(self.num_mask_tokens)]
+    self.output_upscaling_3 = SubpixelConvTranspose(dim // 8)
+    self.output_hypernetworks_mlps = [MLP(dim, dim // 8, 3) for _ in range(self.num_mask_tokens)]
     self.iou_prediction_head = MLP(self.iou_head_hidden_dim, self.num_mask_tokens,
                                    self.iou_head_depth)
 
@@ -171,8 +163,6 @@ class MaskDecoder(nn.Module):
     # matmul to (2, 2, features) per pixel; the pixels are put in place once,
     # on the final masks (one channel) rather than on 64- and 32-channel maps.
     x = src.reshape(b, p, h, w, dim)
-    if self.pe_before_upscale:
-      x = x + image_pe[:, None]
     x = self.output_upscaling_0(x)  # (..., a, e, C/4)
     x = gelu(self.output_upscaling_1(x))
     upscaled = gelu(self.output_upscaling_3(x))  # (..., a, e, c, f, C/8)
