@@ -64,8 +64,10 @@ def first_round(decode: Callable, score: Callable, coords, labels,
   prediction passed on is the output with the highest *predicted* IoU, and its
   true IoU is reported (appendix A): only the loss may look at the ground truth.
   """
-  multi, multi_iou = decode(coords, labels, None, True)
-  single, single_iou = decode(coords, labels, None, False)
+  # One decode gives both: the single output and the three share the transformer's pass.
+  both, both_iou = decode(coords, labels, None, "all")
+  single, multi = both[:, :, :1], both[:, :, 1:]
+  single_iou, multi_iou = both_iou[..., :1], both_iou[..., 1:]
   m, s = score(multi, multi_iou), score(single, single_iou)
   best = losses.select_best(m["mask_loss"])
   chosen = most_confident(multi_iou).astype(multi.dtype)
