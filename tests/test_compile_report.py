@@ -6,6 +6,7 @@ Needs libtpu (the `tpu` extra, in `test`) but no TPU: the devices are abstract.
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from configs import demo
@@ -64,12 +65,21 @@ def test_unknown_topology_is_a_clear_error(name, match):
 
 def test_mismatched_mesh_is_a_clear_error():
   devices = cr.topology_devices("v5e:2x2")
-  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+  with pytest.raises(cr.CompileError, match="does not fit the 4 devices"):
     cr.make_mesh((1, 3, 1), devices)
-  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+  with pytest.raises(cr.CompileError, match="does not fit the 4 devices"):
     cr.make_mesh((-1, 3, 1), devices)
   with pytest.raises(cr.CompileError, match="multiple of 2"):
-    cr.make_mesh((1, 8, 1), cr.topology_devices("v5e:2x2", num_slices=2), num_slices=2)
+    cr.make_mesh((1, 8, 1), cr.topology_devices("v5e:2x2", num_slices=2))
+
+
+def test_slices_split_the_data_axis_only():
+  """Two slices: each data row lies in one slice, so only the data axis crosses DCN."""
+  mesh = cr.make_mesh((-1, 2, 1), cr.topology_devices("v5e:2x2", num_slices=2))
+  assert mesh.devices.shape == (4, 2, 1)
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert sorted(set(slices.ravel())) == [0, 1]
+  assert all(len(set(slices[i].ravel())) == 1 for i in range(4))
 
 
 def test_collectives_parsed_from_hlo_text():

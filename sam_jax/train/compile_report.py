@@ -127,31 +127,13 @@ def topology_devices(name: str, num_slices: int = 1) -> List[Any]:
                        f"{num_slices} slice(s)): {str(e).splitlines()[0]}") from None
 
 
-def make_mesh(mesh_shape: Sequence[int], devices, num_slices: int = 1) -> jax.sharding.Mesh:
-  """The config's (data, fsdp, tensor) mesh over `devices`; slices split the data axis (DCN)."""
+def make_mesh(mesh_shape: Sequence[int], devices) -> jax.sharding.Mesh:
+  """The config's (data, fsdp, tensor) mesh over `devices`, as training makes it."""
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  shape = list(mesh_shape)
-  n = len(devices)
-  if shape.count(-1) > 1 or len(shape) != 3:
-    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)}: three entries (data, fsdp, "
-                       "tensor), at most one -1.")
-  if -1 in shape:
-    rest = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = n // rest if n % rest == 0 else -1
-  if -1 in shape or math.prod(shape) != n:
-    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)} does not fit the {n} chips of "
-                       f"this topology: the product of (data, fsdp, tensor) must be {n}. Set "
-                       f"e.g. --config.mesh_shape='(-1,{min(n, 8)},1)'.")
-  if num_slices == 1:
-    return shard_lib.make_mesh(shape, devices)
-  if shape[0] % num_slices:
-    raise CompileError(f"{num_slices} slices split the data axis over DCN, but the mesh's data "
-                       f"axis is {shape[0]}; make it a multiple of {num_slices}.")
-  from jax.experimental import mesh_utils  # noqa: PLC0415
-  ici = (shape[0] // num_slices, shape[1], shape[2])
-  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
-  return jax.sharding.Mesh(grid, shard_lib.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  try:
+    return shard_lib.make_mesh(mesh_shape, devices)
+  except ValueError as e:
+    raise CompileError(str(e)) from None
 
 
 def _bytes(shape, dtype) -> int:
@@ -335,7 +317,7 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
   from sam_jax.train import flops as flops_lib  # noqa: PLC0415
   from sam_jax.train.trainer import Trainer  # noqa: PLC0415
   devices = topology_devices(topology, num_slices)
-  mesh = make_mesh(config.mesh_shape, devices, num_slices)
+  mesh = make_mesh(config.mesh_shape, devices)
   ways = batch_ways(mesh)
   if config.batch_size % ways:
     raise CompileError(f"batch_size {config.batch_size} does not split over the mesh's "
