@@ -169,3 +169,49 @@ def _compiled_text(trainer, batch):
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.embed_images))
   with compiling_for("tpu"), jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
     return fn.lower(trainer.abstract_state["params"], images).compile().as_text()
+
+
+GIB = 2**30
+
+
+class _FakeCompiles:
+  """compile_at for batch_search: per-chip memory as a function of the per-chip batch."""
+
+  def __init__(self, memory, ways=4, oom_above=None):
+    self.memory, self.ways, self.oom_above, self.calls = memory, ways, oom_above, []
+
+  def __call__(self, global_batch):
+    b = global_batch // self.ways
+    self.calls.append(b)
+    if self.oom_above is not None and b > self.oom_above:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")
+    return cr.Compiled(memory=dict(total=self.memory(b) * GIB), cost={}, collectives={},
+                       compile_seconds=0.0)
+
+
+@pytest.mark.parametrize("memory,oom_above", [
+    (lambda b: 1.3 + 10.2 * b, None),  # ViT-H on v5p-64, in GiB: 8 fits, 9 does not
+    (lambda b: 2 + 3 * b + (20 if b > 12 else 0), None),  # a jump: the line overshoots
+    (lambda b: 5 + b * b / 4, None),  # convex
+    (lambda b: 1.3 + 10.2 * b, 10),  # the compiler itself gives up above 10
+])
+def test_batch_search_finds_the_largest_batch_that_fits(memory, oom_above):
+  want = max(b for b in range(1, 200) if memory(b) <= 95)
+  for seed in (None, 1, 4, want, want + 3):
+    fake = _FakeCompiles(memory, oom_above=oom_above)
+    if seed is not None and oom_above is not None and seed > oom_above:
+      continue
+    known = None if seed is None else {seed: memory(seed) * GIB}
+    best, totals = cr.batch_search(fake, fake.ways, 95 * GIB, known)
+    assert best == want, (seed, totals)
+    assert len(fake.calls) == len(set(fake.calls))  # nothing compiled twice
+    if memory(1) == 1.3 + 10.2:  # linear: a line and its two checks
+      assert len(fake.calls) <= 3 + (seed is None), (seed, fake.calls)
+
+
+def test_batch_search_when_nothing_fits_and_when_a_compile_fails():
+  assert cr.batch_search(_FakeCompiles(lambda b: 100 * b), 4, 95 * GIB)[0] == 0
+  def broken(global_batch):
+    raise ValueError("shapes do not match")
+  with pytest.raises(ValueError, match="shapes do not match"):
+    cr.batch_search(broken, 4, 95 * GIB)

@@ -285,30 +285,62 @@ def _fits(c: Compiled, hbm: Optional[int]) -> Optional[bool]:
   return None if hbm is None else c.memory["total"] <= hbm
 
 
-def batch_search(compile_at, ways: int, hbm: int, start: int = 1, limit: int = 4096
-                 ) -> Tuple[int, Dict[int, bool]]:
-  """Largest per-chip batch that fits, by compiling: doubling, then bisecting."""
-  tried: Dict[int, bool] = {}
+def _out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower()
 
-  def fits(b):
-    if b not in tried:
+
+def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]] = None,
+                 limit: int = 4096) -> Tuple[int, Dict[int, Optional[int]]]:
+  """Largest per-chip batch that fits, by compiling; (it, {batch: total bytes or None}).
+
+  Per-chip memory is close to linear in the batch (state, plus activations per
+  image): a line through the two nearest compiles predicts the largest batch,
+  and the compiles at the prediction and next to it confirm it, so a search
+  seeded with one compile (`known`: {per-chip batch: total bytes}) takes about
+  three more; where memory is not linear, the bracket still closes one batch
+  at a time. None: the compiler ran out of memory.
+  """
+  totals: Dict[int, Optional[int]] = dict(known or {})
+
+  def fits(b: int) -> bool:
+    if b not in totals:
       try:
-        tried[b] = bool(compile_at(b * ways).memory["total"] <= hbm)
+        totals[b] = int(compile_at(b * ways).memory["total"])
       except Exception as e:  # noqa: BLE001 - a compile that runs out of memory also says no
-        if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+        if not _out_of_memory(e):
           raise
-        tried[b] = False
-    return tried[b]
+        totals[b] = None
+    return totals[b] is not None and totals[b] <= hbm
 
-  if not fits(start):
-    return 0, tried
-  lo, hi = start, start * 2
-  while hi <= limit and fits(hi):
-    lo, hi = hi, hi * 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo, tried
+  def predicted(lo: int) -> Optional[int]:
+    """Where the line through the two measured batches nearest `lo` meets the HBM."""
+    near = sorted((b for b, t in totals.items() if t is not None), key=lambda b: abs(b - lo))
+    if len(near) < 2:
+      return None
+    (b0, t0), (b1, t1) = ((b, totals[b]) for b in near[:2])
+    slope = (t1 - t0) / (b1 - b0)
+    return int(b0 + (hbm - t0) // slope) if slope > 0 else None
+
+  lo = max((b for b in list(totals) if fits(b)), default=0)
+  hi = min((b for b in list(totals) if b > lo and not fits(b)), default=None)
+  if lo == 0:
+    if hi == 1 or not fits(1):
+      return 0, totals
+    lo = 1
+  while hi is None or hi - lo > 1:
+    guess = predicted(lo)
+    if guess is None and lo > 1 and lo // 2 not in totals:
+      fits(lo // 2)  # a second point for the line, below lo: it fits
+      continue
+    b = 2 * lo if guess is None else guess
+    b = min(max(b, lo + 1), limit if hi is None else hi - 1)
+    if b <= lo:  # lo is the limit
+      break
+    if fits(b):
+      lo = b
+    else:
+      hi = b
+  return lo, totals
 
 
 def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = False,
@@ -342,9 +374,11 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
       note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
             "collectives in loop bodies are counted once"))
   if do_batch_search and hbm:
-    best, tried = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm)
+    seed = {config.batch_size // ways: train.memory["total"]} if train.memory["total"] else {}
+    best, totals = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm, seed)
     out["train"]["max_per_chip_batch"] = best
-    out["train"]["batch_search"] = {str(k): v for k, v in sorted(tried.items())}
+    out["train"]["batch_search"] = {str(b): dict(total=t, fits=t is not None and t <= hbm)
+                                    for b, t in sorted(totals.items())}
   if inference_batch is not None:
     b = inference_batch * ways
     enc = compile_encoder(trainer, b)
@@ -352,7 +386,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
                             per_chip_batch=inference_batch, fits=_fits(enc, hbm),
                             time_bounds=time_bounds(enc.cost, kind, peak))
     if do_batch_search and hbm:
-      best, tried = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm)
+      best, _ = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm,
+                             {inference_batch: enc.memory["total"]} if enc.memory["total"] else {})
       out["inference"]["max_per_chip_batch"] = best
   return out
 
