@@ -113,7 +113,8 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
 
 @pytest.mark.slow  # the training step's compile: about 4 minutes on 2 busy cores
 def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
-  r = cr.run(tiny_config((1, 4, 1)), str(tmp_path), "v5e:2x2", inference_batch=1)
+  r = cr.run(tiny_config((1, 4, 1)), str(tmp_path), "v5e:2x2", inference_batch=1,
+             breakdown=True)
   assert (tmp_path / "compile_report.json").exists()
   assert r["chips"] == 4 and r["mesh"] == dict(data=1, fsdp=4, tensor=1)
   assert r["device_kind"] == "TPU v5 lite" and r["hbm_per_chip"] == 16 * 2**30
@@ -133,6 +134,11 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["inference"]["memory"]["total"] > 0 and r["inference"]["fits"] is True
   table = cr.format_table(r)
   assert "cost model's step time (estimate)" in table and "fits" in table
+  # The same step on embeddings: the encoder's passes are gone, the rest is the same.
+  share = r["train_without_encoder"]["share_of_train_step"]
+  assert 0 < share["flops"] < 1 and 0 < share["bytes_accessed"] < 1, share
+  assert r["train_without_encoder"]["memory"]["batch"] != m["batch"]
+  assert "of the full train step" in table
 
 
 def _block_collectives(hlo_text, depth):

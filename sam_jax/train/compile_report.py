@@ -213,16 +213,23 @@ def valid_seconds(x: Optional[float]) -> Optional[float]:
   return x if x is not None and x > 0 else None
 
 
-def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it."""
+def train_batch(trainer, global_batch: int, embeddings: bool = False
+                ) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it;
+  `embeddings`: with the image embeddings in place of the images, as from the cache."""
   from sam_jax.build import image_size_hw  # noqa: PLC0415
   from sam_jax.train import recipe  # noqa: PLC0415
   h, w = image_size_hw(trainer.mcfg.image_size)
   mh, mw = recipe.low_res_size(trainer.model)
   m = trainer.config.data.max_masks
-  return dict(images=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32),
-              masks=jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
-              valid=jax.ShapeDtypeStruct((global_batch, m), jnp.bool_))
+  images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
+  if embeddings:
+    model = trainer.model
+    images = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
+                            trainer.abstract_state["params"], images)
+  return {"embeddings" if embeddings else "images": images,
+          "masks": jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
+          "valid": jax.ShapeDtypeStruct((global_batch, m), jnp.bool_)}
 
 
 def batch_ways(mesh) -> int:
@@ -230,11 +237,12 @@ def batch_ways(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def compile_train_step(trainer, global_batch: int) -> Compiled:
-  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`."""
+def compile_train_step(trainer, global_batch: int, embeddings: bool = False) -> Compiled:
+  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`;
+  `embeddings`: on precomputed image embeddings, so without the encoder's passes."""
   from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  batch = train_batch(trainer, global_batch)
+  batch = train_batch(trainer, global_batch, embeddings)
   t0 = time.time()
   with compiling_for("tpu"):
     compiled = trainer.compile_step(batch)
@@ -344,7 +352,7 @@ def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]
 
 
 def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-           inference_batch: Optional[int] = None) -> Dict[str, Any]:
+           inference_batch: Optional[int] = None, breakdown: bool = False) -> Dict[str, Any]:
   """Compiles `config`'s training step (and the encoder's forward) for `topology`; the report."""
   from sam_jax.train import flops as flops_lib  # noqa: PLC0415
   from sam_jax.train.trainer import Trainer  # noqa: PLC0415
@@ -379,6 +387,18 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
     out["train"]["max_per_chip_batch"] = best
     out["train"]["batch_search"] = {str(b): dict(total=t, fits=t is not None and t <= hbm)
                                     for b, t in sorted(totals.items())}
+  if breakdown:
+    # The same step on the encoder's outputs: what remains is the prompt encoder, the
+    # decoder's rounds, the losses and the whole optimizer update; the encoder's passes
+    # are the difference.
+    rest = compile_train_step(trainer, config.batch_size, embeddings=True)
+    full_cost = train.cost
+    out["train_without_encoder"] = dict(
+        dataclasses.asdict(rest), fits=_fits(rest, hbm),
+        time_bounds=time_bounds(rest.cost, kind, peak),
+        share_of_train_step={k: (rest.cost[k] / full_cost[k] if rest.cost.get(k) is not None
+                                 and full_cost.get(k) else None)
+                             for k in ("flops", "bytes_accessed", "optimal_seconds")})
   if inference_batch is not None:
     b = inference_batch * ways
     enc = compile_encoder(trainer, b)
@@ -403,8 +423,11 @@ def format_table(r: Dict[str, Any]) -> str:
   rows = [("topology", f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips "
                        f"({r['device_kind']}), mesh {r['mesh']}"),
           ("batch", f"global {r['global_batch']}, {r['per_chip_batch']:g} per chip, {r['dtype']}")]
-  sections = [("train step", r["train"])] + ([("encoder forward", r["inference"])]
-                                             if "inference" in r else [])
+  sections = [("train step", r["train"])]
+  if "train_without_encoder" in r:
+    sections.append(("train step on embeddings (no image encoder)", r["train_without_encoder"]))
+  if "inference" in r:
+    sections.append(("encoder forward", r["inference"]))
   for title, s in sections:
     m = s["memory"]
     rows += [(f"{title}: per chip", ""),
@@ -428,6 +451,12 @@ def format_table(r: Dict[str, Any]) -> str:
       rows.append(("  HBM bytes at full bandwidth (lower bound)",
                    f"{bounds['hbm_seconds']:.4g} s ({s['cost']['bytes_accessed'] / 1e12:.3g} TB"
                    f"; {bounds['bound']}-bound)"))
+    share = s.get("share_of_train_step") or {}
+    if any(v is not None for v in share.values()):
+      rows.append(("  of the full train step", ", ".join(
+          f"{name} {100 * share[k]:.0f}%" for k, name in (
+              ("flops", "XLA FLOPs"), ("bytes_accessed", "HBM bytes"),
+              ("optimal_seconds", "est. time")) if share.get(k) is not None)))
     for k, v in s["collectives"].items():
       if v["count"]:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
@@ -439,11 +468,11 @@ def format_table(r: Dict[str, Any]) -> str:
 
 
 def run(config, workdir: str, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-        inference_batch: Optional[int] = 1) -> Dict[str, Any]:
+        inference_batch: Optional[int] = 1, breakdown: bool = False) -> Dict[str, Any]:
   """The compile mode: writes WORKDIR/compile_report.json, prints the table, returns the report."""
   if not topology:
     raise CompileError("--mode=compile needs --topology, e.g. --topology=v5p-128.")
-  r = report(config, topology, num_slices, do_batch_search, inference_batch)
+  r = report(config, topology, num_slices, do_batch_search, inference_batch, breakdown)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "compile_report.json")
   with open(path, "w") as f:
