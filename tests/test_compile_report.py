@@ -128,6 +128,7 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["train"]["fits"] is True
   assert r["train"]["cost"]["optimal_seconds"] > 0 and r["cost_model_step_seconds"] > 0
   assert r["model_flops_per_step"] > 0 and 0 < r["cost_model_mfu"] < 1
+  assert r["cost_model_mfu"] <= r["mfu_upper_bound"]  # the estimate is above its lower bounds
   coll = r["train"]["collectives"]
   assert coll["all-gather"]["count"] > 0 and coll["all-gather"]["bytes"] > 0  # FSDP's gathers
   assert coll["reduce-scatter"]["count"] + coll["all-reduce"]["count"] > 0  # its gradients

@@ -371,14 +371,18 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
   peak = flops_lib.peak_flops(kind, trainer.mcfg.dtype, config.get("peak_flops"))
   est = train.cost["optimal_seconds"]
   mfu = (model_flops / n / est / peak) if (est and peak) else None
+  bounds = time_bounds(train.cost, kind, peak)
+  floor = max([t for t in (bounds.get("compute_seconds"), bounds.get("hbm_seconds")) if t],
+              default=None)
   out: Dict[str, Any] = dict(
       topology=topology, num_slices=num_slices, device_kind=kind, chips=n,
       mesh=dict(mesh.shape), hbm_per_chip=hbm, global_batch=config.batch_size,
       per_chip_batch=config.batch_size / ways, dtype=str(trainer.mcfg.dtype),
-      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm),
-                 time_bounds=time_bounds(train.cost, kind, peak)),
+      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm), time_bounds=bounds),
       model_flops_per_step=model_flops, peak_flops_per_chip=peak,
       cost_model_step_seconds=est, cost_model_mfu=mfu,
+      # Where the cost model gives no time, the lower bounds still cap the MFU.
+      mfu_upper_bound=(model_flops / n / floor / peak) if (floor and peak) else None,
       note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
             "collectives in loop bodies are counted once"))
   if do_batch_search and hbm:
@@ -462,7 +466,9 @@ def format_table(r: Dict[str, Any]) -> str:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
   rows += [("model FLOPs per step", f"{r['model_flops_per_step'] / 1e12:.4g} TFLOP"),
            ("cost model's MFU (estimate)",
-            "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%")]
+            "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%"),
+           ("MFU at most (at the larger lower bound)",
+            "-" if r.get("mfu_upper_bound") is None else f"{100 * r['mfu_upper_bound']:.1f}%")]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + f"\n({r['note']})"
 
