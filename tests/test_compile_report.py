@@ -113,8 +113,10 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
 
 @pytest.mark.slow  # the training step's compile: about 4 minutes on 2 busy cores
 def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
-  r = cr.run(tiny_config((1, 4, 1)), str(tmp_path), "v5e:2x2", inference_batch=1,
-             breakdown=True)
+  c = tiny_config((1, 4, 1))
+  c.prompts.num_rounds, c.unroll_rounds = 4, False  # a loop of 3 click rounds, as the recipes
+  assert cr.rounds_rolled(c)
+  r = cr.run(c, str(tmp_path), "v5e:2x2", inference_batch=1, breakdown=True)
   assert (tmp_path / "compile_report.json").exists()
   assert r["chips"] == 4 and r["mesh"] == dict(data=1, fsdp=4, tensor=1)
   assert r["device_kind"] == "TPU v5 lite" and r["hbm_per_chip"] == 16 * 2**30
@@ -128,6 +130,9 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["train"]["fits"] is True
   assert r["train"]["cost"]["optimal_seconds"] > 0 and r["cost_model_step_seconds"] > 0
   assert r["model_flops_per_step"] > 0 and 0 < r["cost_model_mfu"] < 1
+  # Every round's matmuls are in XLA's count (the loop's body alone would be ~2/3 of them).
+  assert r["train"]["cost"]["flops"] >= 0.95 * r["model_flops_per_step"] / r["chips"]
+  assert "unrolled" in r["note"]
   assert r["cost_model_mfu"] <= r["mfu_upper_bound"]  # the estimate is above its lower bounds
   coll = r["train"]["collectives"]
   assert coll["all-gather"]["count"] > 0 and coll["all-gather"]["bytes"] > 0  # FSDP's gathers
