@@ -320,7 +320,11 @@ def write_stats(output: str, process_index: int, process_count: int,
 
 
 class _StopOnSigterm:
-  """SIGTERM sets a flag, read between images: the image in hand is finished and written."""
+  """SIGTERM sets a flag, read between images: the image in hand is finished and written.
+
+  Not train.preemption.Notice: its processes agree on a step by numbered sync
+  points, but here each process stops alone, after a different number of images.
+  """
 
   def __init__(self):
     self.stopped = False

@@ -88,12 +88,12 @@ def _decode_all(module: Sam, *inputs):
 
 
 def _decode_in_slots(module: Sam, *inputs):
-  """`_decode_all` on points whose first K = `_slots(model)` entries are only
-  places for the decoder's own output tokens, which it writes there: the token
+  """`_decode_all` on points whose first K = `mask_decoder.num_output_tokens` entries are
+  only places for the decoder's own output tokens, which it writes there: the token
   axis is the input's length T, never a shape N + K computed from it, which
   jax2onnx 0.12.5 converts to a wrong constant (docs/export.md)."""
   emb, dense, sparse, labels = _embed(module, *inputs)
-  out, k = module.mask_decoder.output_tokens(), _slots(module)
+  out, k = module.mask_decoder.output_tokens(), module.mask_decoder.num_output_tokens
   # An iota rather than jnp.arange: jax2onnx replaces arange of a symbolic length.
   slot = jax.lax.broadcasted_iota(jnp.int32, labels.shape, 1)
   tokens = jnp.where((slot < k)[..., None], out[jnp.minimum(slot, k - 1)], sparse)
@@ -104,15 +104,11 @@ def _decode_in_slots(module: Sam, *inputs):
   return iou[:, 0], masks[:, 0]
 
 
-def _slots(model: Sam) -> int:
-  return 1 + model.mask_decoder.num_mask_tokens
-
-
 def decoder_fn(model: Sam, params, slots: bool = False) -> Callable:
   """Meta's ONNX decoder inputs, less orig_im_size -> (iou_predictions, low_res_masks).
 
-  `slots`: the points come after `_slots(model)` entries whose values are
-  ignored (`_decode_in_slots`), the program the ONNX export converts.
+  `slots`: the points come after `mask_decoder.num_output_tokens` entries whose values
+  are ignored (`_decode_in_slots`), the program the ONNX export converts.
   """
   method = _decode_in_slots if slots else _decode_all
   def decode(image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
@@ -281,7 +277,7 @@ def export_onnx(model: Sam, params, directory: str, opset: int = ONNX_OPSET) -> 
   except ImportError as e:
     raise ExportError("ONNX export needs: pip install 'sam_jax[export]'.") from e
   # The decoder's points with their slots: T = N + slots, named, so never computed from N.
-  slots = _slots(model)
+  slots = model.mask_decoder.num_output_tokens
   t, = jax.export.symbolic_shape("T", constraints=(f"T >= {slots}",))
   specs = {k: jax.ShapeDtypeStruct(shape, dtype)
            for k, (shape, dtype) in _specs(model, 1, t).items()}

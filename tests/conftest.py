@@ -3,7 +3,6 @@
 import collections
 import fcntl
 import functools
-import inspect
 import os
 import socket
 import subprocess
@@ -173,7 +172,8 @@ def with_cpu_devices(count: int, xla_flags: str = ""):
       if os.environ.get(DEVICES_ENV) == str(count):
         assert jax.device_count() == count, jax.devices()
         return test(*args, **kwargs)
-      node = f"{os.path.relpath(inspect.getfile(test), ROOT)}::{test.__name__}"
+      # The running test's own node id, parameters included ("path::name[params] (call)").
+      node = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
       env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **{DEVICES_ENV: str(count)},
                  XLA_FLAGS=f"--xla_force_host_platform_device_count={count} {xla_flags}")
       out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",

@@ -6,6 +6,7 @@ Needs libtpu (the `tpu` extra, in `test`) but no TPU: the devices are abstract.
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from configs import demo
@@ -64,12 +65,21 @@ def test_unknown_topology_is_a_clear_error(name, match):
 
 def test_mismatched_mesh_is_a_clear_error():
   devices = cr.topology_devices("v5e:2x2")
-  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+  with pytest.raises(cr.CompileError, match="does not fit the 4 devices"):
     cr.make_mesh((1, 3, 1), devices)
-  with pytest.raises(cr.CompileError, match="does not fit the 4 chips"):
+  with pytest.raises(cr.CompileError, match="does not fit the 4 devices"):
     cr.make_mesh((-1, 3, 1), devices)
   with pytest.raises(cr.CompileError, match="multiple of 2"):
-    cr.make_mesh((1, 8, 1), cr.topology_devices("v5e:2x2", num_slices=2), num_slices=2)
+    cr.make_mesh((1, 8, 1), cr.topology_devices("v5e:2x2", num_slices=2))
+
+
+def test_slices_split_the_data_axis_only():
+  """Two slices: each data row lies in one slice, so only the data axis crosses DCN."""
+  mesh = cr.make_mesh((-1, 2, 1), cr.topology_devices("v5e:2x2", num_slices=2))
+  assert mesh.devices.shape == (4, 2, 1)
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert sorted(set(slices.ravel())) == [0, 1]
+  assert all(len(set(slices[i].ravel())) == 1 for i in range(4))
 
 
 def test_collectives_parsed_from_hlo_text():
@@ -103,7 +113,10 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
 
 @pytest.mark.slow  # the training step's compile: about 4 minutes on 2 busy cores
 def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
-  r = cr.run(tiny_config((1, 4, 1)), str(tmp_path), "v5e:2x2", inference_batch=1)
+  c = tiny_config((1, 4, 1))
+  c.prompts.num_rounds, c.unroll_rounds = 4, False  # a loop of 3 click rounds, as the recipes
+  assert cr.rounds_rolled(c)
+  r = cr.run(c, str(tmp_path), "v5e:2x2", inference_batch=1, breakdown=True)
   assert (tmp_path / "compile_report.json").exists()
   assert r["chips"] == 4 and r["mesh"] == dict(data=1, fsdp=4, tensor=1)
   assert r["device_kind"] == "TPU v5 lite" and r["hbm_per_chip"] == 16 * 2**30
@@ -117,12 +130,21 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["train"]["fits"] is True
   assert r["train"]["cost"]["optimal_seconds"] > 0 and r["cost_model_step_seconds"] > 0
   assert r["model_flops_per_step"] > 0 and 0 < r["cost_model_mfu"] < 1
+  # Every round's matmuls are in XLA's count (the loop's body alone would be ~2/3 of them).
+  assert r["train"]["cost"]["flops"] >= 0.95 * r["model_flops_per_step"] / r["chips"]
+  assert "unrolled" in r["note"]
+  assert r["cost_model_mfu"] <= r["mfu_upper_bound"]  # the estimate is above its lower bounds
   coll = r["train"]["collectives"]
   assert coll["all-gather"]["count"] > 0 and coll["all-gather"]["bytes"] > 0  # FSDP's gathers
   assert coll["reduce-scatter"]["count"] + coll["all-reduce"]["count"] > 0  # its gradients
   assert r["inference"]["memory"]["total"] > 0 and r["inference"]["fits"] is True
   table = cr.format_table(r)
   assert "cost model's step time (estimate)" in table and "fits" in table
+  # The same step on embeddings: the encoder's passes are gone, the rest is the same.
+  share = r["train_without_encoder"]["share_of_train_step"]
+  assert 0 < share["flops"] < 1 and 0 < share["bytes_accessed"] < 1, share
+  assert r["train_without_encoder"]["memory"]["batch"] != m["batch"]
+  assert "of the full train step" in table
 
 
 def _block_collectives(hlo_text, depth):
@@ -159,3 +181,49 @@ def _compiled_text(trainer, batch):
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.embed_images))
   with compiling_for("tpu"), jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
     return fn.lower(trainer.abstract_state["params"], images).compile().as_text()
+
+
+GIB = 2**30
+
+
+class _FakeCompiles:
+  """compile_at for batch_search: per-chip memory as a function of the per-chip batch."""
+
+  def __init__(self, memory, ways=4, oom_above=None):
+    self.memory, self.ways, self.oom_above, self.calls = memory, ways, oom_above, []
+
+  def __call__(self, global_batch):
+    b = global_batch // self.ways
+    self.calls.append(b)
+    if self.oom_above is not None and b > self.oom_above:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")
+    return cr.Compiled(memory=dict(total=self.memory(b) * GIB), cost={}, collectives={},
+                       compile_seconds=0.0)
+
+
+@pytest.mark.parametrize("memory,oom_above", [
+    (lambda b: 1.3 + 10.2 * b, None),  # ViT-H on v5p-64, in GiB: 8 fits, 9 does not
+    (lambda b: 2 + 3 * b + (20 if b > 12 else 0), None),  # a jump: the line overshoots
+    (lambda b: 5 + b * b / 4, None),  # convex
+    (lambda b: 1.3 + 10.2 * b, 10),  # the compiler itself gives up above 10
+])
+def test_batch_search_finds_the_largest_batch_that_fits(memory, oom_above):
+  want = max(b for b in range(1, 200) if memory(b) <= 95)
+  for seed in (None, 1, 4, want, want + 3):
+    fake = _FakeCompiles(memory, oom_above=oom_above)
+    if seed is not None and oom_above is not None and seed > oom_above:
+      continue
+    known = None if seed is None else {seed: memory(seed) * GIB}
+    best, totals = cr.batch_search(fake, fake.ways, 95 * GIB, known)
+    assert best == want, (seed, totals)
+    assert len(fake.calls) == len(set(fake.calls))  # nothing compiled twice
+    if memory(1) == 1.3 + 10.2:  # linear: a line and its two checks
+      assert len(fake.calls) <= 3 + (seed is None), (seed, fake.calls)
+
+
+def test_batch_search_when_nothing_fits_and_when_a_compile_fails():
+  assert cr.batch_search(_FakeCompiles(lambda b: 100 * b), 4, 95 * GIB)[0] == 0
+  def broken(global_batch):
+    raise ValueError("shapes do not match")
+  with pytest.raises(ValueError, match="shapes do not match"):
+    cr.batch_search(broken, 4, 95 * GIB)

@@ -159,7 +159,7 @@ def test_decoder_in_slots_equals_decoder(tiny):
   inputs = decoder_inputs(ref, 3, seed=5)
   args = [inputs[k] for k in ex.DECODER_IO[0]]
   iou, low = jax.jit(ex.decoder_fn(model, params))(*args)
-  k = ex._slots(model)
+  k = model.mask_decoder.num_output_tokens
   rng = np.random.RandomState(0)
   slotted = dict(zip(ex.DECODER_IO[0], args))
   slotted["point_coords"] = np.concatenate(

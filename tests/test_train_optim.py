@@ -94,9 +94,9 @@ def test_lr_and_weight_decay_multipliers():
                                       wd_mults=((".*/iou_token/.*", 2.0), (".*/kernel", 1.0))))):
     params, tx, _ = _setup("full", layer_decay=1.0, weight_decay=0.1, **fields)
     grads = jax.tree.map(jnp.ones_like, params)
-    state = tx.init(params)
+    state, update = tx.init(params), jax.jit(tx.update)  # one program, not op by op
     for _ in range(3):
-      updates, state = tx.update(grads, state, params)
+      updates, state = update(grads, state, params)
     steps[name] = updates["mask_decoder"]
   plain, mults = steps["plain"], steps["mults"]
   head = ("iou_prediction_head", "layers_0", "bias")

@@ -67,6 +67,11 @@ class MaskDecoder(nn.Module):
   def num_mask_tokens(self) -> int:
     return self.num_multimask_outputs + 1
 
+  @property
+  def num_output_tokens(self) -> int:
+    """The IoU token and the mask tokens, ahead of every prompt's own tokens."""
+    return 1 + self.num_mask_tokens
+
   def setup(self):
     dim = self.transformer_dim
     self.iou_token = nn.Embed(1, dim)
@@ -126,7 +131,7 @@ class MaskDecoder(nn.Module):
                         multimask_output, sparse_prompt_mask)
 
   def output_tokens(self) -> jax.Array:
-    """The IoU token, then the mask tokens: (1 + M, C), the first tokens of every prompt."""
+    """The IoU token, then the mask tokens: (num_output_tokens, C)."""
     return jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
 
   def _decode(self, src, image_pe, first_layer, sparse_prompt_embeddings, multimask_output,
@@ -139,7 +144,7 @@ class MaskDecoder(nn.Module):
     token_mask = None
     if sparse_prompt_mask is not None:
       token_mask = jnp.concatenate(
-          [jnp.ones((b, p, 1 + self.num_mask_tokens), bool), sparse_prompt_mask.astype(bool)],
+          [jnp.ones((b, p, self.num_output_tokens), bool), sparse_prompt_mask.astype(bool)],
           axis=2)
     return self.decode_tokens(src, image_pe, first_layer, tokens, token_mask, multimask_output)
 

@@ -127,31 +127,13 @@ def topology_devices(name: str, num_slices: int = 1) -> List[Any]:
                        f"{num_slices} slice(s)): {str(e).splitlines()[0]}") from None
 
 
-def make_mesh(mesh_shape: Sequence[int], devices, num_slices: int = 1) -> jax.sharding.Mesh:
-  """The config's (data, fsdp, tensor) mesh over `devices`; slices split the data axis (DCN)."""
+def make_mesh(mesh_shape: Sequence[int], devices) -> jax.sharding.Mesh:
+  """The config's (data, fsdp, tensor) mesh over `devices`, as training makes it."""
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  shape = list(mesh_shape)
-  n = len(devices)
-  if shape.count(-1) > 1 or len(shape) != 3:
-    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)}: three entries (data, fsdp, "
-                       "tensor), at most one -1.")
-  if -1 in shape:
-    rest = math.prod(s for s in shape if s != -1)
-    shape[shape.index(-1)] = n // rest if n % rest == 0 else -1
-  if -1 in shape or math.prod(shape) != n:
-    raise CompileError(f"config.mesh_shape {tuple(mesh_shape)} does not fit the {n} chips of "
-                       f"this topology: the product of (data, fsdp, tensor) must be {n}. Set "
-                       f"e.g. --config.mesh_shape='(-1,{min(n, 8)},1)'.")
-  if num_slices == 1:
-    return shard_lib.make_mesh(shape, devices)
-  if shape[0] % num_slices:
-    raise CompileError(f"{num_slices} slices split the data axis over DCN, but the mesh's data "
-                       f"axis is {shape[0]}; make it a multiple of {num_slices}.")
-  from jax.experimental import mesh_utils  # noqa: PLC0415
-  ici = (shape[0] // num_slices, shape[1], shape[2])
-  grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
-  return jax.sharding.Mesh(grid, shard_lib.MESH_AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  try:
+    return shard_lib.make_mesh(mesh_shape, devices)
+  except ValueError as e:
+    raise CompileError(str(e)) from None
 
 
 def _bytes(shape, dtype) -> int:
@@ -231,16 +213,34 @@ def valid_seconds(x: Optional[float]) -> Optional[float]:
   return x if x is not None and x > 0 else None
 
 
-def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it."""
+def train_batch(trainer, global_batch: int, embeddings: bool = False
+                ) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it;
+  `embeddings`: with the image embeddings in place of the images, as from the cache."""
   from sam_jax.build import image_size_hw  # noqa: PLC0415
   from sam_jax.train import recipe  # noqa: PLC0415
   h, w = image_size_hw(trainer.mcfg.image_size)
   mh, mw = recipe.low_res_size(trainer.model)
   m = trainer.config.data.max_masks
-  return dict(images=jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32),
-              masks=jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
-              valid=jax.ShapeDtypeStruct((global_batch, m), jnp.bool_))
+  images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
+  if embeddings:
+    model = trainer.model
+    images = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
+                            trainer.abstract_state["params"], images)
+  return {"embeddings" if embeddings else "images": images,
+          "masks": jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
+          "valid": jax.ShapeDtypeStruct((global_batch, m), jnp.bool_)}
+
+
+def rounds_rolled(config) -> bool:
+  """Whether the step's click rounds run as a loop (several iterations, not unrolled)."""
+  return not config.get("unroll_rounds", True) and config.prompts.num_rounds > 2
+
+
+def _with(config, **fields):
+  c = config.copy_and_resolve_references()
+  c.update(fields)
+  return c
 
 
 def batch_ways(mesh) -> int:
@@ -248,11 +248,12 @@ def batch_ways(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def compile_train_step(trainer, global_batch: int) -> Compiled:
-  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`."""
+def compile_train_step(trainer, global_batch: int, embeddings: bool = False) -> Compiled:
+  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`;
+  `embeddings`: on precomputed image embeddings, so without the encoder's passes."""
   from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  batch = train_batch(trainer, global_batch)
+  batch = train_batch(trainer, global_batch, embeddings)
   t0 = time.time()
   with compiling_for("tpu"):
     compiled = trainer.compile_step(batch)
@@ -303,39 +304,71 @@ def _fits(c: Compiled, hbm: Optional[int]) -> Optional[bool]:
   return None if hbm is None else c.memory["total"] <= hbm
 
 
-def batch_search(compile_at, ways: int, hbm: int, start: int = 1, limit: int = 4096
-                 ) -> Tuple[int, Dict[int, bool]]:
-  """Largest per-chip batch that fits, by compiling: doubling, then bisecting."""
-  tried: Dict[int, bool] = {}
+def _out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower()
 
-  def fits(b):
-    if b not in tried:
+
+def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]] = None,
+                 limit: int = 4096) -> Tuple[int, Dict[int, Optional[int]]]:
+  """Largest per-chip batch that fits, by compiling; (it, {batch: total bytes or None}).
+
+  Per-chip memory is close to linear in the batch (state, plus activations per
+  image): a line through the two nearest compiles predicts the largest batch,
+  and the compiles at the prediction and next to it confirm it, so a search
+  seeded with one compile (`known`: {per-chip batch: total bytes}) takes about
+  three more; where memory is not linear, the bracket still closes one batch
+  at a time. None: the compiler ran out of memory.
+  """
+  totals: Dict[int, Optional[int]] = dict(known or {})
+
+  def fits(b: int) -> bool:
+    if b not in totals:
       try:
-        tried[b] = bool(compile_at(b * ways).memory["total"] <= hbm)
+        totals[b] = int(compile_at(b * ways).memory["total"])
       except Exception as e:  # noqa: BLE001 - a compile that runs out of memory also says no
-        if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+        if not _out_of_memory(e):
           raise
-        tried[b] = False
-    return tried[b]
+        totals[b] = None
+    return totals[b] is not None and totals[b] <= hbm
 
-  if not fits(start):
-    return 0, tried
-  lo, hi = start, start * 2
-  while hi <= limit and fits(hi):
-    lo, hi = hi, hi * 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo, tried
+  def predicted(lo: int) -> Optional[int]:
+    """Where the line through the two measured batches nearest `lo` meets the HBM."""
+    near = sorted((b for b, t in totals.items() if t is not None), key=lambda b: abs(b - lo))
+    if len(near) < 2:
+      return None
+    (b0, t0), (b1, t1) = ((b, totals[b]) for b in near[:2])
+    slope = (t1 - t0) / (b1 - b0)
+    return int(b0 + (hbm - t0) // slope) if slope > 0 else None
+
+  lo = max((b for b in list(totals) if fits(b)), default=0)
+  hi = min((b for b in list(totals) if b > lo and not fits(b)), default=None)
+  if lo == 0:
+    if hi == 1 or not fits(1):
+      return 0, totals
+    lo = 1
+  while hi is None or hi - lo > 1:
+    guess = predicted(lo)
+    if guess is None and lo > 1 and lo // 2 not in totals:
+      fits(lo // 2)  # a second point for the line, below lo: it fits
+      continue
+    b = 2 * lo if guess is None else guess
+    b = min(max(b, lo + 1), limit if hi is None else hi - 1)
+    if b <= lo:  # lo is the limit
+      break
+    if fits(b):
+      lo = b
+    else:
+      hi = b
+  return lo, totals
 
 
 def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-           inference_batch: Optional[int] = None) -> Dict[str, Any]:
+           inference_batch: Optional[int] = None, breakdown: bool = False) -> Dict[str, Any]:
   """Compiles `config`'s training step (and the encoder's forward) for `topology`; the report."""
   from sam_jax.train import flops as flops_lib  # noqa: PLC0415
   from sam_jax.train.trainer import Trainer  # noqa: PLC0415
   devices = topology_devices(topology, num_slices)
-  mesh = make_mesh(config.mesh_shape, devices, num_slices)
+  mesh = make_mesh(config.mesh_shape, devices)
   ways = batch_ways(mesh)
   if config.batch_size % ways:
     raise CompileError(f"batch_size {config.batch_size} does not split over the mesh's "
@@ -344,25 +377,53 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
   trainer = Trainer(config, mesh=mesh)
   kind, hbm, n = devices[0].device_kind, _hbm(devices[0]), len(devices)
   train = compile_train_step(trainer, config.batch_size)
+  costed = trainer
+  if rounds_rolled(config):
+    # XLA's cost analysis counts a loop body once: the costs come from the same
+    # step with its rounds unrolled, the memory from the program that trains.
+    costed = Trainer(_with(config, unroll_rounds=True), mesh=mesh)
+    unrolled = compile_train_step(costed, config.batch_size)
+    train = dataclasses.replace(train, cost=unrolled.cost, collectives=unrolled.collectives,
+                                compile_seconds=train.compile_seconds + unrolled.compile_seconds)
   model_flops = flops_lib.train_step_flops(trainer.mcfg, config, trainer.abstract_params,
                                            train_batch(trainer, config.batch_size))
   peak = flops_lib.peak_flops(kind, trainer.mcfg.dtype, config.get("peak_flops"))
   est = train.cost["optimal_seconds"]
   mfu = (model_flops / n / est / peak) if (est and peak) else None
+  bounds = time_bounds(train.cost, kind, peak)
+  floor = max([t for t in (bounds.get("compute_seconds"), bounds.get("hbm_seconds")) if t],
+              default=None)
   out: Dict[str, Any] = dict(
       topology=topology, num_slices=num_slices, device_kind=kind, chips=n,
       mesh=dict(mesh.shape), hbm_per_chip=hbm, global_batch=config.batch_size,
       per_chip_batch=config.batch_size / ways, dtype=str(trainer.mcfg.dtype),
-      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm),
-                 time_bounds=time_bounds(train.cost, kind, peak)),
+      train=dict(dataclasses.asdict(train), fits=_fits(train, hbm), time_bounds=bounds),
       model_flops_per_step=model_flops, peak_flops_per_chip=peak,
       cost_model_step_seconds=est, cost_model_mfu=mfu,
+      # Where the cost model gives no time, the lower bounds still cap the MFU.
+      mfu_upper_bound=(model_flops / n / floor / peak) if (floor and peak) else None,
       note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
-            "collectives in loop bodies are counted once"))
+            + ("the train step's costs and collectives are those of the same step with its "
+               "prompt rounds unrolled (a loop body counts once in XLA's cost analysis)"
+               if costed is not trainer else "a loop body's costs and collectives count once")))
   if do_batch_search and hbm:
-    best, tried = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm)
+    seed = {config.batch_size // ways: train.memory["total"]} if train.memory["total"] else {}
+    best, totals = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm, seed)
     out["train"]["max_per_chip_batch"] = best
-    out["train"]["batch_search"] = {str(k): v for k, v in sorted(tried.items())}
+    out["train"]["batch_search"] = {str(b): dict(total=t, fits=t is not None and t <= hbm)
+                                    for b, t in sorted(totals.items())}
+  if breakdown:
+    # The same step on the encoder's outputs: what remains is the prompt encoder, the
+    # decoder's rounds, the losses and the whole optimizer update; the encoder's passes
+    # are the difference.
+    rest = compile_train_step(costed, config.batch_size, embeddings=True)
+    full_cost = train.cost
+    out["train_without_encoder"] = dict(
+        dataclasses.asdict(rest), fits=_fits(rest, hbm),
+        time_bounds=time_bounds(rest.cost, kind, peak),
+        share_of_train_step={k: (rest.cost[k] / full_cost[k] if rest.cost.get(k) is not None
+                                 and full_cost.get(k) else None)
+                             for k in ("flops", "bytes_accessed", "optimal_seconds")})
   if inference_batch is not None:
     b = inference_batch * ways
     enc = compile_encoder(trainer, b)
@@ -370,7 +431,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
                             per_chip_batch=inference_batch, fits=_fits(enc, hbm),
                             time_bounds=time_bounds(enc.cost, kind, peak))
     if do_batch_search and hbm:
-      best, tried = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm)
+      best, _ = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm,
+                             {inference_batch: enc.memory["total"]} if enc.memory["total"] else {})
       out["inference"]["max_per_chip_batch"] = best
   return out
 
@@ -386,8 +448,11 @@ def format_table(r: Dict[str, Any]) -> str:
   rows = [("topology", f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips "
                        f"({r['device_kind']}), mesh {r['mesh']}"),
           ("batch", f"global {r['global_batch']}, {r['per_chip_batch']:g} per chip, {r['dtype']}")]
-  sections = [("train step", r["train"])] + ([("encoder forward", r["inference"])]
-                                             if "inference" in r else [])
+  sections = [("train step", r["train"])]
+  if "train_without_encoder" in r:
+    sections.append(("train step on embeddings (no image encoder)", r["train_without_encoder"]))
+  if "inference" in r:
+    sections.append(("encoder forward", r["inference"]))
   for title, s in sections:
     m = s["memory"]
     rows += [(f"{title}: per chip", ""),
@@ -411,22 +476,30 @@ def format_table(r: Dict[str, Any]) -> str:
       rows.append(("  HBM bytes at full bandwidth (lower bound)",
                    f"{bounds['hbm_seconds']:.4g} s ({s['cost']['bytes_accessed'] / 1e12:.3g} TB"
                    f"; {bounds['bound']}-bound)"))
+    share = s.get("share_of_train_step") or {}
+    if any(v is not None for v in share.values()):
+      rows.append(("  of the full train step", ", ".join(
+          f"{name} {100 * share[k]:.0f}%" for k, name in (
+              ("flops", "XLA FLOPs"), ("bytes_accessed", "HBM bytes"),
+              ("optimal_seconds", "est. time")) if share.get(k) is not None)))
     for k, v in s["collectives"].items():
       if v["count"]:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
   rows += [("model FLOPs per step", f"{r['model_flops_per_step'] / 1e12:.4g} TFLOP"),
            ("cost model's MFU (estimate)",
-            "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%")]
+            "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%"),
+           ("MFU at most (at the larger lower bound)",
+            "-" if r.get("mfu_upper_bound") is None else f"{100 * r['mfu_upper_bound']:.1f}%")]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + f"\n({r['note']})"
 
 
 def run(config, workdir: str, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-        inference_batch: Optional[int] = 1) -> Dict[str, Any]:
+        inference_batch: Optional[int] = 1, breakdown: bool = False) -> Dict[str, Any]:
   """The compile mode: writes WORKDIR/compile_report.json, prints the table, returns the report."""
   if not topology:
     raise CompileError("--mode=compile needs --topology, e.g. --topology=v5p-128.")
-  r = report(config, topology, num_slices, do_batch_search, inference_batch)
+  r = report(config, topology, num_slices, do_batch_search, inference_batch, breakdown)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "compile_report.json")
   with open(path, "w") as f:

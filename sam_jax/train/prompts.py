@@ -10,6 +10,7 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_jax.modeling.prompt_encoder import BACKGROUND, FOREGROUND, PADDING
 
@@ -56,7 +57,7 @@ def jitter_box(key: jax.Array, box: jax.Array, noise_frac: float, noise_max: flo
   side = jnp.stack([box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]], -1)
   std = jnp.minimum(noise_frac * jnp.concatenate([side, side], -1), noise_max)
   noisy = box + std * jax.random.normal(key, box.shape)
-  h, w = (image_size, image_size) if jnp.ndim(image_size) == 0 else image_size
+  h, w = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
   noisy = jnp.clip(noisy, 0.0, jnp.array([w, h, w, h], jnp.float32))
   # Keep the corners ordered so that top-left stays the top-left corner.
   lo = jnp.minimum(noisy[..., :2], noisy[..., 2:])

@@ -63,24 +63,49 @@ def sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, int, int]:
+  """(data, fsdp, tensor) with its one -1 entry (if any) taking the remaining devices."""
   shape = list(shape)
-  if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one -1")
+  if len(shape) != 3 or shape.count(-1) > 1:
+    raise ValueError(f"config.mesh_shape {tuple(shape)}: three entries (data, fsdp, tensor), "
+                     "at most one of them -1.")
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
-    shape[shape.index(-1)] = len(devices) // rest
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {shape} does not use the {len(devices)} devices")
+    shape[shape.index(-1)] = num_devices // rest if num_devices % rest == 0 else 0
+  if int(np.prod(shape)) != num_devices:
+    raise ValueError(f"config.mesh_shape {tuple(shape)} does not fit the {num_devices} devices: "
+                     f"the product of (data, fsdp, tensor) must be {num_devices}; e.g. "
+                     f"--config.mesh_shape='(-1,{min(num_devices, 8)},1)'.")
+  return tuple(shape)
+
+
+def num_slices(devices) -> int:
+  """How many TPU slices (joined over DCN) `devices` span; 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices.
+
+  Over several slices the data axis spans them (only its gradient all-reduce
+  crosses DCN); fsdp and tensor stay inside a slice.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(shape, len(devices))
+  slices = num_slices(devices)
+  if slices > 1:
+    if shape[0] % slices:
+      raise ValueError(f"{slices} slices split the data axis over DCN, but the mesh's data axis "
+                       f"is {shape[0]}; make it a multiple of {slices}.")
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]),
+                                                (slices, 1, 1), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   try:
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
   except NotImplementedError:
     # An axis that is no product of the torus' sides (8 on a 4x4x4 v5p) spans
     # parts of two of them: allowed, at some cost in the collectives' links.
-    grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 

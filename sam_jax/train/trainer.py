@@ -112,7 +112,7 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
-    self._step_fn = None
+    self._step_fns = {}  # by the batch's keys: images, or cached embeddings
 
   def _state_from_params(self, params) -> State:
     return dict(params=params, opt_state=self.tx.init(params),
@@ -144,14 +144,15 @@ class Trainer:
     return new, metrics
 
   def _jitted_step(self, batch):
-    if self._step_fn is None:
+    keys = tuple(sorted(batch))
+    if keys not in self._step_fns:
       batch_sh = {k: shard_lib.batch_sharding(self.mesh, len(v.shape)) for k, v in batch.items()}
       replicated = shard_lib.NamedSharding(self.mesh, shard_lib.P())
-      self._step_fn = jax.jit(self._train_step,
-                              in_shardings=(self.state_shardings, batch_sh),
-                              out_shardings=(self.state_shardings, replicated),
-                              donate_argnums=(0,))
-    return self._step_fn
+      self._step_fns[keys] = jax.jit(self._train_step,
+                                     in_shardings=(self.state_shardings, batch_sh),
+                                     out_shardings=(self.state_shardings, replicated),
+                                     donate_argnums=(0,))
+    return self._step_fns[keys]
 
   def train_step(self, state: State, batch) -> tuple:
     """One optimizer step; `state` is donated. Jitted with explicit shardings."""
