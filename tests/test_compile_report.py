@@ -132,7 +132,7 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["model_flops_per_step"] > 0 and 0 < r["cost_model_mfu"] < 1
   # Every round's matmuls are in XLA's count (the loop's body alone would be ~2/3 of them).
   assert r["train"]["cost"]["flops"] >= 0.95 * r["model_flops_per_step"] / r["chips"]
-  assert "unrolled" in r["note"]
+  assert "unrolled" in r["note"] and r["cost_source"]["per_chip_batch"] == 1
   assert r["cost_model_mfu"] <= r["mfu_upper_bound"]  # the estimate is above its lower bounds
   coll = r["train"]["collectives"]
   assert coll["all-gather"]["count"] > 0 and coll["all-gather"]["bytes"] > 0  # FSDP's gathers
@@ -219,6 +219,22 @@ def test_batch_search_finds_the_largest_batch_that_fits(memory, oom_above):
     assert len(fake.calls) == len(set(fake.calls))  # nothing compiled twice
     if memory(1) == 1.3 + 10.2:  # linear: a line and its two checks
       assert len(fake.calls) <= 3 + (seed is None), (seed, fake.calls)
+
+
+def test_costs_of_a_batch_that_does_not_fit_are_scaled_from_half_of_it():
+  def compile_at(global_batch):
+    if global_batch > 8:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    return cr.Compiled(memory=dict(total=global_batch * GIB), cost=dict(
+        flops=1e12 * global_batch, bytes_accessed=None, optimal_seconds=0.5 * global_batch),
+        collectives={}, compile_seconds=1.0)
+  c, batch = cr.costs_at_fitting_batch(compile_at, 32, 4)
+  assert batch == 8 and c.memory["total"] == 8 * GIB  # 8 per chip, then 4, then 2 compiled
+  assert c.cost == dict(flops=32e12, bytes_accessed=None, optimal_seconds=16.0)
+  c, batch = cr.costs_at_fitting_batch(compile_at, 8, 4)
+  assert batch == 8 and c.cost["flops"] == 8e12
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    cr.costs_at_fitting_batch(compile_at, 12, 12)  # 1 per chip does not fit: no smaller batch
 
 
 def test_batch_search_when_nothing_fits_and_when_a_compile_fails():

@@ -232,6 +232,29 @@ def train_batch(trainer, global_batch: int, embeddings: bool = False
           "valid": jax.ShapeDtypeStruct((global_batch, m), jnp.bool_)}
 
 
+def _scaled(c: Compiled, factor: float) -> Compiled:
+  """`c` with its FLOPs, HBM bytes and estimated time times `factor` (memory as compiled)."""
+  if factor == 1:
+    return c
+  return dataclasses.replace(c, cost={k: (v * factor if v is not None else None)
+                                      for k, v in c.cost.items()})
+
+
+def costs_at_fitting_batch(compile_at, global_batch: int, ways: int) -> Tuple[Compiled, int]:
+  """`compile_at(global_batch)`, or where the compiler runs out of HBM, the largest halved
+  batch that compiles, its costs scaled up to `global_batch` (linear in the batch: the
+  per-step parts that are not, the parameters' gathers and the update, are small
+  beside the activations' traffic); (that, the batch compiled)."""
+  batch = global_batch
+  while True:
+    try:
+      return _scaled(compile_at(batch), global_batch / batch), batch
+    except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+      if not _out_of_memory(e) or batch // ways <= 1:
+        raise
+      batch = (batch // ways // 2) * ways
+
+
 def rounds_rolled(config) -> bool:
   """Whether the step's click rounds run as a loop (several iterations, not unrolled)."""
   return not config.get("unroll_rounds", True) and config.prompts.num_rounds > 2
@@ -377,12 +400,13 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
   trainer = Trainer(config, mesh=mesh)
   kind, hbm, n = devices[0].device_kind, _hbm(devices[0]), len(devices)
   train = compile_train_step(trainer, config.batch_size)
-  costed = trainer
+  costed, cost_batch = trainer, config.batch_size
   if rounds_rolled(config):
     # XLA's cost analysis counts a loop body once: the costs come from the same
     # step with its rounds unrolled, the memory from the program that trains.
     costed = Trainer(_with(config, unroll_rounds=True), mesh=mesh)
-    unrolled = compile_train_step(costed, config.batch_size)
+    unrolled, cost_batch = costs_at_fitting_batch(
+        lambda b: compile_train_step(costed, b), config.batch_size, ways)
     train = dataclasses.replace(train, cost=unrolled.cost, collectives=unrolled.collectives,
                                 compile_seconds=train.compile_seconds + unrolled.compile_seconds)
   model_flops = flops_lib.train_step_flops(trainer.mcfg, config, trainer.abstract_params,
@@ -402,9 +426,15 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
       cost_model_step_seconds=est, cost_model_mfu=mfu,
       # Where the cost model gives no time, the lower bounds still cap the MFU.
       mfu_upper_bound=(model_flops / n / floor / peak) if (floor and peak) else None,
+      cost_source=(None if costed is trainer else dict(
+          unroll_rounds=True, per_chip_batch=cost_batch // ways,
+          scaled_by=config.batch_size / cost_batch)),
       note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
             + ("the train step's costs and collectives are those of the same step with its "
                "prompt rounds unrolled (a loop body counts once in XLA's cost analysis)"
+               + (f", compiled at {cost_batch // ways} per chip (unrolled, the config's batch "
+                  f"does not fit) and scaled by {config.batch_size / cost_batch:g}"
+                  if cost_batch != config.batch_size else "")
                if costed is not trainer else "a loop body's costs and collectives count once")))
   if do_batch_search and hbm:
     seed = {config.batch_size // ways: train.memory["total"]} if train.memory["total"] else {}
@@ -416,7 +446,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
     # The same step on the encoder's outputs: what remains is the prompt encoder, the
     # decoder's rounds, the losses and the whole optimizer update; the encoder's passes
     # are the difference.
-    rest = compile_train_step(costed, config.batch_size, embeddings=True)
+    rest = _scaled(compile_train_step(costed, cost_batch, embeddings=True),
+                   config.batch_size / cost_batch)
     full_cost = train.cost
     out["train_without_encoder"] = dict(
         dataclasses.asdict(rest), fits=_fits(rest, hbm),
