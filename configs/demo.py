@@ -51,8 +51,8 @@ def get_config(arg=None):
   # regexes over parameter paths such as 'prompt_encoder/.*' (train/param_groups.py).
   c.freeze = "full"
   # From scratch only: (regex over parameter paths, factor) scaling the fresh init.
-  # The prompt encoder's random Fourier frequencies at half SAM's scale: on an 8x8
-  # grid SAM's make neighbouring cells' encodings nearly orthogonal (docs/demo.md).
+  # The prompt encoder's random Fourier frequencies at half SAM's scale: on the 8x8
+  # grid SAM's leave a cell's encoding unlike its neighbours' (docs/demo.md).
   c.init_scale = (("prompt_encoder/pe_layer/positional_encoding_gaussian_matrix", 0.5),)
 
   c.data = dict(
