@@ -255,6 +255,19 @@ def costs_at_fitting_batch(compile_at, global_batch: int, ways: int) -> Tuple[Co
       batch = (batch // ways // 2) * ways
 
 
+def _cost_note(source: Optional[Dict[str, Any]]) -> str:
+  """What the report's costs are, from its `cost_source`."""
+  note = "cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
+  if source is None:
+    return note + "a loop body's costs and collectives count once"
+  note += ("the train step's costs and collectives are those of the same step with its "
+           "prompt rounds unrolled (a loop body counts once in XLA's cost analysis)")
+  if source["scaled_by"] != 1:
+    note += (f", compiled at {source['per_chip_batch']} per chip (unrolled, the config's "
+             f"batch does not fit) and scaled by {source['scaled_by']:g}")
+  return note
+
+
 def rounds_rolled(config) -> bool:
   """Whether the step's click rounds run as a loop (several iterations, not unrolled)."""
   return not config.get("unroll_rounds", True) and config.prompts.num_rounds > 2
@@ -417,6 +430,9 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
   bounds = time_bounds(train.cost, kind, peak)
   floor = max([t for t in (bounds.get("compute_seconds"), bounds.get("hbm_seconds")) if t],
               default=None)
+  source = None if costed is trainer else dict(
+      unroll_rounds=True, per_chip_batch=cost_batch // ways,
+      scaled_by=config.batch_size / cost_batch)
   out: Dict[str, Any] = dict(
       topology=topology, num_slices=num_slices, device_kind=kind, chips=n,
       mesh=dict(mesh.shape), hbm_per_chip=hbm, global_batch=config.batch_size,
@@ -426,16 +442,7 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
       cost_model_step_seconds=est, cost_model_mfu=mfu,
       # Where the cost model gives no time, the lower bounds still cap the MFU.
       mfu_upper_bound=(model_flops / n / floor / peak) if (floor and peak) else None,
-      cost_source=(None if costed is trainer else dict(
-          unroll_rounds=True, per_chip_batch=cost_batch // ways,
-          scaled_by=config.batch_size / cost_batch)),
-      note=("cost_model_* are the XLA TPU compiler's cost-model estimates, not measurements; "
-            + ("the train step's costs and collectives are those of the same step with its "
-               "prompt rounds unrolled (a loop body counts once in XLA's cost analysis)"
-               + (f", compiled at {cost_batch // ways} per chip (unrolled, the config's batch "
-                  f"does not fit) and scaled by {config.batch_size / cost_batch:g}"
-                  if cost_batch != config.batch_size else "")
-               if costed is not trainer else "a loop body's costs and collectives count once")))
+      cost_source=source, note=_cost_note(source))
   if do_batch_search and hbm:
     seed = {config.batch_size // ways: train.memory["total"]} if train.memory["total"] else {}
     best, totals = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm, seed)
