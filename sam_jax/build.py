@@ -55,6 +55,7 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
           transformer_num_heads=8,
           transformer_mlp_dim=2048,
           attention_downsample_rate=2,
+          dtype="float32",  # its per-prompt tensors' compute dtype (MaskDecoder.dtype)
       ),
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),

@@ -140,6 +140,14 @@ def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   assert r["inference"]["memory"]["total"] > 0 and r["inference"]["fits"] is True
   table = cr.format_table(r)
   assert "cost model's step time (estimate)" in table and "fits" in table
+  # Where the time goes: every part of the step is named, and carries the compiler's estimates.
+  parts = r["train"]["parts"]
+  for name in ("image encoder", "decoder: two-way transformer", "decoder: upscaling",
+               "prompt encoder", "losses", "prompt simulation", "optimizer update"):
+    assert parts[name]["cycles"] > 0 and parts[name]["bytes"] > 0, name
+  assert sum(p["share_of_cycles"] for p in parts.values()) == pytest.approx(1)
+  assert parts.get("other", {}).get("share_of_cycles", 0) < 0.2  # little is left unnamed
+  assert "where the time goes" in table
   # The same step on embeddings: the encoder's passes are gone, the rest is the same.
   share = r["train_without_encoder"]["share_of_train_step"]
   assert 0 < share["flops"] < 1 and 0 < share["bytes_accessed"] < 1, share

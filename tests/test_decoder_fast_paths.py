@@ -183,3 +183,38 @@ def test_postprocess_equals_both_dense_matrices(input_size, original_size):
   want = np.einsum("Hh,...hw,Ww->...HW", rows, low_res.astype(np.float64), cols)
   assert got.shape == want.shape == (2, 3, *original_size)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+def test_decoder_in_bfloat16_keeps_its_per_prompt_tensors_in_bfloat16():
+  """`mask_decoder.dtype = "bfloat16"` (the recipes'): the image-sized per-prompt
+  tensors are bfloat16, the masks and IoUs float32 and close to the float32 decoder's."""
+  config = tiny_model(64)
+  f32 = build_sam(config)
+  config.mask_decoder.dtype = "bfloat16"
+  bf16 = build_sam(config)
+  rs = np.random.RandomState(4)
+  emb = jnp.asarray(rs.randn(2, *f32.prompt_encoder.image_embedding_size,
+                             f32.prompt_encoder.embed_dim).astype(np.float32))
+  coords = jnp.asarray(rs.uniform(0, f32.image_size[0], (2, 3, 2, 2)).astype(np.float32))
+  labels = jnp.asarray(rs.randint(0, 2, (2, 3, 2)))
+  masks = jnp.asarray(rs.randn(2, 3, *f32.prompt_encoder.mask_input_size).astype(np.float32))
+  shapes = jax.eval_shape(functools.partial(f32.init, method=f32.decode), jax.random.key(0),
+                          emb, coords, labels, None, masks)["params"]
+  params = jax.tree.map(lambda x: jnp.asarray(0.2 * rs.randn(*x.shape), x.dtype), shapes)
+
+  def run(model, p):
+    return model.apply({"params": p}, emb, coords, labels, None, masks, method=model.decode)
+  (want, want_iou), (got, got_iou) = run(f32, params), run(bf16, params)
+  assert got.dtype == got_iou.dtype == jnp.float32
+  for g, w in ((got, want), (got_iou, want_iou)):
+    assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 0.03
+  # The largest arrays inside the decoder (the image keys per prompt, the upscaled
+  # features) are bfloat16; float32 only where the masks come out.
+  jaxpr = jax.make_jaxpr(lambda p: run(bf16, p))(params)
+  per_prompt = [v.aval for e in jaxpr.eqns for v in e.outvars
+                if v.aval.size >= 3 * emb[0].size and v.aval.ndim >= 4]
+  big = max(a.size for a in per_prompt)
+  assert {str(a.dtype) for a in per_prompt if a.size == big} == {"bfloat16"}
+  # The parameters' gradients still reach every leaf, in float32.
+  grads = jax.grad(lambda p: run(bf16, p)[0].mean())(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))

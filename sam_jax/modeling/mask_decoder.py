@@ -15,12 +15,14 @@ class MLP(nn.Module):
   hidden_dim: int
   output_dim: int
   num_layers: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, name=f"layers_{i}")(x)
+      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
+                   name=f"layers_{i}")(x)
       x = x if last else nn.relu(x)
     return x
 
@@ -33,13 +35,15 @@ class SubpixelConvTranspose(nn.Module):
   `nn.ConvTranspose(features, (2, 2), strides=(2, 2), transpose_kernel=True)`.
   """
   features: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (2, 2, self.features, x.shape[-1]))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    return jnp.einsum("...i,abfi->...abf", x, kernel) + bias
+    return (jnp.einsum("...i,abfi->...abf", x.astype(self.dtype), kernel.astype(self.dtype))
+            + bias.astype(self.dtype))
 
 
 class ImageCache(NamedTuple):
@@ -62,6 +66,10 @@ class MaskDecoder(nn.Module):
   transformer_num_heads: int = 8
   transformer_mlp_dim: int = 2048
   attention_downsample_rate: int = 2
+  # The compute dtype of the per-prompt tensors (parameters stay float32; the
+  # masks and IoUs come out float32): "bfloat16" halves the decoder's memory
+  # traffic, most of a training step's (docs/tpu.md, where the time goes).
+  dtype: str = "float32"
 
   @property
   def num_mask_tokens(self) -> int:
@@ -73,19 +81,20 @@ class MaskDecoder(nn.Module):
     return 1 + self.num_mask_tokens
 
   def setup(self):
-    dim = self.transformer_dim
+    dim, dt = self.transformer_dim, jnp.dtype(self.dtype)
     self.iou_token = nn.Embed(1, dim)
     self.mask_tokens = nn.Embed(self.num_mask_tokens, dim)
     self.transformer = TwoWayTransformer(
         dim, self.transformer_depth, self.transformer_num_heads, self.transformer_mlp_dim,
-        self.attention_downsample_rate)
+        self.attention_downsample_rate, dt)
     # Names follow the reference's nn.Sequential indexes (activations hold 2 and 4).
-    self.output_upscaling_0 = SubpixelConvTranspose(dim // 4)
-    self.output_upscaling_1 = layer_norm_2d(name=None)
-    self.output_upscaling_3 = SubpixelConvTranspose(dim // 8)
-    self.output_hypernetworks_mlps = [MLP(dim, dim // 8, 3) for _ in range(self.num_mask_tokens)]
+    self.output_upscaling_0 = SubpixelConvTranspose(dim // 4, dt)
+    self.output_upscaling_1 = layer_norm_2d(None, dt)
+    self.output_upscaling_3 = SubpixelConvTranspose(dim // 8, dt)
+    self.output_hypernetworks_mlps = [MLP(dim, dim // 8, 3, dt)
+                                      for _ in range(self.num_mask_tokens)]
     self.iou_prediction_head = MLP(self.iou_head_hidden_dim, self.num_mask_tokens,
-                                   self.iou_head_depth)
+                                   self.iou_head_depth, dt)
 
   def cache_image(self, image_embeddings: jax.Array, image_pe: jax.Array,
                   dense_prompt_embeddings: jax.Array) -> ImageCache:
@@ -180,6 +189,7 @@ class MaskDecoder(nn.Module):
     hyper_in = jnp.stack([mlp(mask_tokens_out[..., i, :])
                           for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=-2)
     # Row 4i + 2a + c, column 4j + 2e + f of the mask is subpixel (a, e), then (c, f), of (i, j).
-    masks = jnp.einsum("npmk,npijaecfk->npmiacjef", hyper_in[:, :, keep], upscaled)
+    masks = jnp.einsum("npmk,npijaecfk->npmiacjef", hyper_in[:, :, keep], upscaled,
+                       preferred_element_type=jnp.float32)
     masks = masks.reshape(b, p, -1, 4 * h, 4 * w)
-    return masks, self.iou_prediction_head(iou_token_out)[..., keep]
+    return masks, self.iou_prediction_head(iou_token_out)[..., keep].astype(jnp.float32)

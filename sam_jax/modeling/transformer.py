@@ -89,10 +89,13 @@ class Attention(nn.Module):
   All are the same function up to float rounding (the key bias adds a
   constant to each score row, which softmax ignores; softmax rows sum to 1,
   which moves the value bias out).
+
+  `dtype`: the compute dtype; the parameters are cast to it and softmax runs in float32.
   """
   embedding_dim: int
   num_heads: int
   downsample_rate: int = 1
+  dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     dim, internal = self.embedding_dim, self.embedding_dim // self.downsample_rate
@@ -103,6 +106,9 @@ class Attention(nn.Module):
     self.v_proj = Projection(dim, internal)
     self.out_proj = Projection(internal, dim)
 
+  def _weights(self, proj: Projection) -> Tuple[jax.Array, jax.Array]:
+    return tuple(x.astype(self.dtype) for x in proj())
+
   @property
   def head_dim(self) -> int:
     return self.embedding_dim // self.downsample_rate // self.num_heads
@@ -112,7 +118,7 @@ class Attention(nn.Module):
 
   def project(self, x: jax.Array, which: str) -> Heads:
     """x (..., N, C) projected as the queries ("q"), keys ("k") or values ("v")."""
-    w, b = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}[which]()
+    w, b = self._weights({"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}[which])
     heads = self._split(x @ w + b)
     heads = jnp.swapaxes(heads, -2, -3)
     return Heads(heads * self.head_dim ** -0.5 if which == "k" else heads)
@@ -152,10 +158,10 @@ class Attention(nn.Module):
     for order in (scores_order, output_order):
       if isinstance(_kept_in_c(q, k, v).get(order), Heads):
         raise ValueError(f"The {order!r} order needs that side unprojected, not Heads.")
-    wq, bq = self.q_proj()
-    wk, _ = self.k_proj()
-    wv, bv = self.v_proj()
-    wo, bo = self.out_proj()
+    wq, bq = self._weights(self.q_proj)
+    wk, _ = self._weights(self.k_proj)
+    wv, bv = self._weights(self.v_proj)
+    wo, bo = self._weights(self.out_proj)
     wo = wo.reshape(self.num_heads, self.head_dim, -1)
     heads = lambda x, which: x.x if isinstance(x, Heads) else self.project(x, which).x  # noqa: E731
 
@@ -179,7 +185,7 @@ class Attention(nn.Module):
     if key_mask is not None:
       mask = key_mask[..., None, None] if layout == "kqh" else key_mask[..., None, None, :]
       scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=axis)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=axis).astype(self.dtype)
 
     if output_order == "fold_wo":
       out_per_token = jnp.einsum("...hkd,hdc->...hkc", heads(v, "v"), wo)
@@ -199,17 +205,19 @@ class TwoWayAttentionBlock(nn.Module):
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
   skip_first_layer_pe: bool = False
+  dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     dim, heads, rate = self.embedding_dim, self.num_heads, self.attention_downsample_rate
-    self.self_attn = Attention(dim, heads)
-    self.norm1 = layer_norm(_EPS, None)
-    self.cross_attn_token_to_image = Attention(dim, heads, rate)
-    self.norm2 = layer_norm(_EPS, None)
-    self.mlp = MLPBlock(self.mlp_dim, act=nn.relu)
-    self.norm3 = layer_norm(_EPS, None)
-    self.norm4 = layer_norm(_EPS, None)
-    self.cross_attn_image_to_token = Attention(dim, heads, rate)
+    dt = self.dtype
+    self.self_attn = Attention(dim, heads, dtype=dt)
+    self.norm1 = layer_norm(_EPS, None, dt)
+    self.cross_attn_token_to_image = Attention(dim, heads, rate, dt)
+    self.norm2 = layer_norm(_EPS, None, dt)
+    self.mlp = MLPBlock(self.mlp_dim, act=nn.relu, dtype=dt)
+    self.norm3 = layer_norm(_EPS, None, dt)
+    self.norm4 = layer_norm(_EPS, None, dt)
+    self.cross_attn_image_to_token = Attention(dim, heads, rate, dt)
 
   def image_heads(self, keys: jax.Array, key_pe: jax.Array) -> Dict[str, Heads]:
     """The block's projections of the image keys alone, which a caller may keep.
@@ -253,19 +261,21 @@ class TwoWayTransformer(nn.Module):
   num_heads: int = 8
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
+  dtype: jnp.dtype = jnp.float32  # compute dtype; inputs and parameters are cast to it
 
   def setup(self):
     self.layers = [
         TwoWayAttentionBlock(self.embedding_dim, self.num_heads, self.mlp_dim,
-                             self.attention_downsample_rate, skip_first_layer_pe=i == 0)
+                             self.attention_downsample_rate, skip_first_layer_pe=i == 0,
+                             dtype=self.dtype)
         for i in range(self.depth)]
     self.final_attn_token_to_image = Attention(self.embedding_dim, self.num_heads,
-                                               self.attention_downsample_rate)
-    self.norm_final_attn = layer_norm(_EPS, None)
+                                               self.attention_downsample_rate, self.dtype)
+    self.norm_final_attn = layer_norm(_EPS, None, self.dtype)
 
   def image_heads(self, image_embedding: jax.Array, image_pe: jax.Array) -> Dict[str, Heads]:
     """The first layer's projections of the image alone (`TwoWayAttentionBlock.image_heads`)."""
-    return self.layers[0].image_heads(_flatten(image_embedding), _flatten(image_pe))
+    return self.layers[0].image_heads(*self._cast(_flatten(image_embedding), _flatten(image_pe)))
 
   def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
                point_embedding: jax.Array, token_mask: Optional[jax.Array] = None,
@@ -280,7 +290,8 @@ class TwoWayTransformer(nn.Module):
     tokens). Returns the processed tokens (..., T or num_outputs, C) and
     image keys (..., h*w, C).
     """
-    keys, key_pe = _flatten(image_embedding), _flatten(image_pe)
+    keys, key_pe, point_embedding = self._cast(_flatten(image_embedding), _flatten(image_pe),
+                                               point_embedding)
     queries = point_embedding
     for i, layer in enumerate(self.layers):
       queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask,
@@ -288,6 +299,10 @@ class TwoWayTransformer(nn.Module):
     queries, query_pe = queries[..., :num_outputs, :], point_embedding[..., :num_outputs, :]
     queries = queries + self.final_attn_token_to_image(queries + query_pe, keys + key_pe, keys)
     return self.norm_final_attn(queries), keys
+
+
+  def _cast(self, *xs: jax.Array) -> Tuple[jax.Array, ...]:
+    return tuple(x.astype(self.dtype) for x in xs)
 
 
 def _flatten(image: jax.Array) -> jax.Array:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sam_jax.train import hlo_costs
+
 INSTALL_LIBTPU = 'pip install "jax[tpu]==' + jax.__version__ + '"  (or: pip install -e ".[tpu]")'
 
 # Generation as pods are sold -> (libtpu's name, whether N counts TensorCores
@@ -145,17 +147,11 @@ def per_chip_bytes(tree) -> int:
   return int(sum(_bytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree)))
 
 
-_SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
 
 
 def _shape_bytes(text: str) -> List[int]:
-  out = []
-  for dt, dims in _SHAPE.findall(text):
-    bits = _BITS.get(dt) or int(re.sub(r"\D", "", dt)[:3] or 8)
-    out.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
-  return out
+  return [math.prod(dims) * bits // 8 for bits, dims, _ in hlo_costs.arrays(text)]
 
 
 def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
@@ -185,6 +181,8 @@ class Compiled:
   cost: Dict[str, Optional[float]]
   collectives: Dict[str, Dict[str, int]]
   compile_seconds: float
+  # Where the work goes, by model part (hlo_costs.breakdown).
+  parts: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def _summarise(compiled, state_like, batch_like, seconds: float) -> Compiled:
@@ -196,6 +194,7 @@ def _summarise(compiled, state_like, batch_like, seconds: float) -> Compiled:
   total = args + int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes) + temps + code
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  text = compiled.as_text()
   memory = dict(batch=per_chip_bytes(batch_like), temporaries=temps, generated_code=code,
                 arguments=args, outputs=int(ma.output_size_in_bytes),
                 aliased=int(ma.alias_size_in_bytes), total=total)
@@ -204,7 +203,8 @@ def _summarise(compiled, state_like, batch_like, seconds: float) -> Compiled:
                   cost=dict(flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
                             optimal_seconds=valid_seconds(cost.get("optimal_seconds")),
                             optimal_seconds_reported=cost.get("optimal_seconds")),
-                  collectives=collectives(compiled.as_text()), compile_seconds=seconds)
+                  collectives=collectives(text), compile_seconds=seconds,
+                  parts=hlo_costs.breakdown(text))
 
 
 def valid_seconds(x: Optional[float]) -> Optional[float]:
@@ -236,8 +236,11 @@ def _scaled(c: Compiled, factor: float) -> Compiled:
   """`c` with its FLOPs, HBM bytes and estimated time times `factor` (memory as compiled)."""
   if factor == 1:
     return c
-  return dataclasses.replace(c, cost={k: (v * factor if v is not None else None)
-                                      for k, v in c.cost.items()})
+  counts = ("cycles", "hbm_bytes", "bytes", "backward_hbm_bytes")
+  return dataclasses.replace(
+      c, cost={k: (v * factor if v is not None else None) for k, v in c.cost.items()},
+      parts={p: {k: (v * factor if k in counts else v) for k, v in row.items()}
+             for p, row in c.parts.items()})
 
 
 def costs_at_fitting_batch(compile_at, global_batch: int, ways: int) -> Tuple[Compiled, int]:
@@ -421,6 +424,7 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
     unrolled, cost_batch = costs_at_fitting_batch(
         lambda b: compile_train_step(costed, b), config.batch_size, ways)
     train = dataclasses.replace(train, cost=unrolled.cost, collectives=unrolled.collectives,
+                                parts=unrolled.parts,
                                 compile_seconds=train.compile_seconds + unrolled.compile_seconds)
   model_flops = flops_lib.train_step_flops(trainer.mcfg, config, trainer.abstract_params,
                                            train_batch(trainer, config.batch_size))
@@ -523,6 +527,10 @@ def format_table(r: Dict[str, Any]) -> str:
     for k, v in s["collectives"].items():
       if v["count"]:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
+    if s.get("parts"):
+      rows.append(("  where the time goes", "share of the compiler's per-op estimates, HBM traffic"))
+      rows += [(f"    {name}", f"{100 * p['share_of_cycles']:.1f}%, {p['hbm_bytes'] / 1e9:.3g} GB")
+               for name, p in s["parts"].items() if p["share_of_cycles"] >= 0.005]
   rows += [("model FLOPs per step", f"{r['model_flops_per_step'] / 1e12:.4g} TFLOP"),
            ("cost model's MFU (estimate)",
             "-" if r["cost_model_mfu"] is None else f"{100 * r['cost_model_mfu']:.1f}%"),

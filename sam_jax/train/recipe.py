@@ -34,6 +34,7 @@ def most_confident(iou_pred: jax.Array) -> jax.Array:
   return jax.nn.one_hot(jnp.argmax(iou_pred, -1), iou_pred.shape[-1], dtype=bool)
 
 
+@jax.named_scope("prompt_simulation")
 def first_prompt(key, gt, cfg, stride: float, image_size: Tuple[int, int], num_slots: int):
   """Round 0's sparse prompt per mask: a uniform point or a jittered box, equal odds.
 
@@ -83,6 +84,7 @@ def first_round(decode: Callable, score: Callable, coords, labels,
   return terms, prev
 
 
+@jax.named_scope("prompt_simulation")
 def add_click(key, prev_logits, gt, stride: float, coords, labels, adds, slot):
   """A click drawn from the error region of the previous mask into this round's slot:
   foreground where it missed the object, background where it spilled over; a
@@ -121,6 +123,7 @@ def click_rounds(decode: Callable, score: Callable, coords, labels, prev, gt, st
   return terms
 
 
+@jax.named_scope("losses")
 def average(per_round: Terms, valid: jax.Array, weights) -> Tuple[jax.Array, Terms]:
   """The loss (mean over rounds of the weighted terms, each averaged over valid masks)
   and the metrics; `per_round` holds (R, B, N) terms."""
@@ -167,6 +170,7 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
     return model.apply({"params": params}, emb, coords, labels, None, mask_inputs, multimask,
                        method=Sam.decode)
 
+  @jax.named_scope("losses")  # named scopes let the compile report attribute the ops
   def score(logits, iou_pred):
     return losses.mask_losses(logits, gt, iou_pred, weights, loss_params)
 

@@ -136,10 +136,11 @@ class Trainer:
   def _train_step(self, state: State, batch) -> tuple:
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     _, metrics, grads = self.loss_and_grads(state["params"], batch, key)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), lr=self.schedule(state["step"]))
+    with jax.named_scope("optimizer"):
+      updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                     param_norm=optax.global_norm(params), lr=self.schedule(state["step"]))
     new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
     return new, metrics
 
