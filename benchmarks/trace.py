@@ -7,6 +7,8 @@ import json
 import re
 from typing import Dict, List
 
+from sam_jax.train import hlo_costs
+
 
 def operations(trace_dir: str) -> List[dict]:
   """The profiler's HLO operation events, in time order: the accelerator's
@@ -52,16 +54,17 @@ def product_names(hlo_text: str) -> Dict[str, List[str]]:
   """Fusion instruction name -> the `op_name`s of the products (dots and
   convolutions) inside it. XLA's CPU fusions can hold several model parts
   (a block's MLP with the next block's norm and qkv); these say which."""
-  products, computation = {}, None
-  for line in hlo_text.splitlines():
-    head = re.match(r"%(\S+) \(.*\{$", line)
-    if head:
-      computation = products.setdefault(head.group(1), [])
-    elif line.startswith("}"):
-      computation = None
-    elif computation is not None:
-      m = re.search(r" (?:dot|convolution)\(.*?op_name=\"([^\"]+)\"", line)
-      if m:
-        computation.append(m.group(1))
-  return {m.group(1): products.get(m.group(2), []) for m in re.finditer(
-      r"^\s*(?:ROOT )?%(\S+) = .*?calls=%([\w.-]+)", hlo_text, re.M)}
+  comps, _ = hlo_costs.computations(hlo_text)
+  products = {}
+  for name, lines in comps.items():
+    products[name] = [m.group(1) for line in lines
+                      if re.search(r" (?:dot|convolution)\(", line)
+                      and (m := re.search(r'op_name="([^"]+)"', line))]
+  out = {}
+  for lines in comps.values():
+    for line in lines:
+      called = re.search(r"calls=%([\w.-]+)", line)
+      parsed = called and hlo_costs.instruction(line)
+      if parsed:
+        out[parsed[0]] = products.get(called.group(1), [])
+  return out

@@ -251,3 +251,15 @@ def test_batch_search_when_nothing_fits_and_when_a_compile_fails():
     raise ValueError("shapes do not match")
   with pytest.raises(ValueError, match="shapes do not match"):
     cr.batch_search(broken, 4, 95 * GIB)
+
+
+@pytest.mark.slow  # two compiles of the full-size decoder, about a minute
+def test_decoder_round_in_bfloat16_moves_less_memory():
+  """benchmarks/tpu_decoder.py: one click round of the recipe's decoder, compiled for TPU."""
+  from benchmarks.tpu_decoder import compile_round
+  f32, bf16 = (compile_round(dtype, "v5p", images=1, masks=4) for dtype in ("float32", "bfloat16"))
+  assert bf16["hbm_gb"] < 0.8 * f32["hbm_gb"] and bf16["temporaries_gib"] < f32["temporaries_gib"]
+  assert bf16["est_ms"] < f32["est_ms"]
+  # The decoder's image-sized work is where a round's time goes.
+  for r in (f32, bf16):
+    assert r["parts"]["decoder: two-way transformer"] + r["parts"]["decoder: upscaling"] > 0.5

@@ -78,7 +78,7 @@ def _balanced(s: str, i: int) -> int:
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 
 
-def _instruction(line: str) -> Optional[Tuple[str, str, str, List[str], str]]:
+def instruction(line: str) -> Optional[Tuple[str, str, str, List[str], str]]:
   """(name, type, opcode, operand names, attributes) of one HLO instruction line."""
   m = _INSTR.match(line)
   if not m:
@@ -100,7 +100,7 @@ def _instruction(line: str) -> Optional[Tuple[str, str, str, List[str], str]]:
   return m.group(1), type_text, op.group(1), operands, rest[k:]
 
 
-def _computations(hlo_text: str) -> Tuple[Dict[str, List[str]], str]:
+def computations(hlo_text: str) -> Tuple[Dict[str, List[str]], str]:
   """({computation name: its instruction lines}, the entry computation's name)."""
   comps: Dict[str, List[str]] = {}
   entry, name = "", None
@@ -123,7 +123,7 @@ def _computations(hlo_text: str) -> Tuple[Dict[str, List[str]], str]:
 def ops(hlo_text: str) -> List[Op]:
   """Every op that moves data or computes, in the entry computation and the loops,
   calls and async starts it runs (each counted once)."""
-  comps, entry = _computations(hlo_text)
+  comps, entry = computations(hlo_text)
   out: List[Op] = []
 
   def walk(comp: str, visited: set):
@@ -132,7 +132,7 @@ def ops(hlo_text: str) -> List[Op]:
     visited.add(comp)
     types = {}
     for line in comps[comp]:
-      parsed = _instruction(line)
+      parsed = instruction(line)
       if not parsed:
         continue
       name, type_text, opcode, operands, attrs = parsed
