@@ -213,16 +213,16 @@ def valid_seconds(x: Optional[float]) -> Optional[float]:
   return x if x is not None and x > 0 else None
 
 
-def train_batch(trainer, global_batch: int, embeddings: bool = False
-                ) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it;
-  `embeddings`: with the image embeddings in place of the images, as from the cache."""
+def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it:
+  with the image embeddings in place of the images where the config caches them."""
   from sam_jax.build import image_size_hw  # noqa: PLC0415
   from sam_jax.train import recipe  # noqa: PLC0415
   h, w = image_size_hw(trainer.mcfg.image_size)
   mh, mw = recipe.low_res_size(trainer.model)
   m = trainer.config.data.max_masks
   images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
+  embeddings = bool(trainer.config.get("cache_embeddings", False))
   if embeddings:
     model = trainer.model
     images = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
@@ -287,12 +287,11 @@ def batch_ways(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def compile_train_step(trainer, global_batch: int, embeddings: bool = False) -> Compiled:
-  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`;
-  `embeddings`: on precomputed image embeddings, so without the encoder's passes."""
+def compile_train_step(trainer, global_batch: int) -> Compiled:
+  """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`."""
   from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  batch = train_batch(trainer, global_batch, embeddings)
+  batch = train_batch(trainer, global_batch)
   t0 = time.time()
   with compiling_for("tpu"):
     compiled = trainer.compile_step(batch)
@@ -402,7 +401,7 @@ def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]
 
 
 def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-           inference_batch: Optional[int] = None, breakdown: bool = False) -> Dict[str, Any]:
+           inference_batch: Optional[int] = None) -> Dict[str, Any]:
   """Compiles `config`'s training step (and the encoder's forward) for `topology`; the report."""
   from sam_jax.train import flops as flops_lib  # noqa: PLC0415
   from sam_jax.train.trainer import Trainer  # noqa: PLC0415
@@ -453,19 +452,6 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
     out["train"]["max_per_chip_batch"] = best
     out["train"]["batch_search"] = {str(b): dict(total=t, fits=t is not None and t <= hbm)
                                     for b, t in sorted(totals.items())}
-  if breakdown:
-    # The same step on the encoder's outputs: what remains is the prompt encoder, the
-    # decoder's rounds, the losses and the whole optimizer update; the encoder's passes
-    # are the difference.
-    rest = _scaled(compile_train_step(costed, cost_batch, embeddings=True),
-                   config.batch_size / cost_batch)
-    full_cost = train.cost
-    out["train_without_encoder"] = dict(
-        dataclasses.asdict(rest), fits=_fits(rest, hbm),
-        time_bounds=time_bounds(rest.cost, kind, peak),
-        share_of_train_step={k: (rest.cost[k] / full_cost[k] if rest.cost.get(k) is not None
-                                 and full_cost.get(k) else None)
-                             for k in ("flops", "bytes_accessed", "optimal_seconds")})
   if inference_batch is not None:
     b = inference_batch * ways
     enc = compile_encoder(trainer, b)
@@ -491,8 +477,6 @@ def format_table(r: Dict[str, Any]) -> str:
                        f"({r['device_kind']}), mesh {r['mesh']}"),
           ("batch", f"global {r['global_batch']}, {r['per_chip_batch']:g} per chip, {r['dtype']}")]
   sections = [("train step", r["train"])]
-  if "train_without_encoder" in r:
-    sections.append(("train step on embeddings (no image encoder)", r["train_without_encoder"]))
   if "inference" in r:
     sections.append(("encoder forward", r["inference"]))
   for title, s in sections:
@@ -518,12 +502,6 @@ def format_table(r: Dict[str, Any]) -> str:
       rows.append(("  HBM bytes at full bandwidth (lower bound)",
                    f"{bounds['hbm_seconds']:.4g} s ({s['cost']['bytes_accessed'] / 1e12:.3g} TB"
                    f"; {bounds['bound']}-bound)"))
-    share = s.get("share_of_train_step") or {}
-    if any(v is not None for v in share.values()):
-      rows.append(("  of the full train step", ", ".join(
-          f"{name} {100 * share[k]:.0f}%" for k, name in (
-              ("flops", "XLA FLOPs"), ("bytes_accessed", "HBM bytes"),
-              ("optimal_seconds", "est. time")) if share.get(k) is not None)))
     for k, v in s["collectives"].items():
       if v["count"]:
         rows.append((f"  {k}", f"{v['count']} ops, {v['bytes'] / 2**20:.1f} MiB"))
@@ -541,11 +519,11 @@ def format_table(r: Dict[str, Any]) -> str:
 
 
 def run(config, workdir: str, topology: str, num_slices: int = 1, do_batch_search: bool = False,
-        inference_batch: Optional[int] = 1, breakdown: bool = False) -> Dict[str, Any]:
+        inference_batch: Optional[int] = 1) -> Dict[str, Any]:
   """The compile mode: writes WORKDIR/compile_report.json, prints the table, returns the report."""
   if not topology:
     raise CompileError("--mode=compile needs --topology, e.g. --topology=v5p-128.")
-  r = report(config, topology, num_slices, do_batch_search, inference_batch, breakdown)
+  r = report(config, topology, num_slices, do_batch_search, inference_batch)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "compile_report.json")
   with open(path, "w") as f:

@@ -38,8 +38,6 @@ flags.DEFINE_string("topology", None, "For --mode=compile: a TPU slice as sold (
 flags.DEFINE_integer("num_slices", 1, "For --mode=compile: slices joined over DCN (data axis).")
 flags.DEFINE_bool("batch_search", False, "For --mode=compile: find the largest per-chip batch "
                   "that fits, by compiling.")
-flags.DEFINE_bool("breakdown", False, "For --mode=compile: also compile the step on image "
-                  "embeddings, to split its cost between the image encoder and the rest.")
 flags.DEFINE_integer("inference_batch", 1, "For --mode=compile: per-chip batch of the image "
                      "encoder's forward to size (0: skip).")
 flags.DEFINE_bool("distributed", False, "Multi-process: jax.distributed.initialize() first, "
@@ -61,7 +59,7 @@ def _run(argv):
     from sam_jax.train import compile_report  # noqa: PLC0415
     try:
       compile_report.run(f.config, f.workdir, f.topology, f.num_slices, f.batch_search,
-                         f.inference_batch or None, f.breakdown)
+                         f.inference_batch or None)
     except compile_report.CompileError as e:
       raise SystemExit(f"error: {e}") from None
     return
