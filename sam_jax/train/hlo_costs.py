@@ -147,8 +147,7 @@ def ops(hlo_text: str) -> List[Op]:
       scope = re.search(r'op_name="([^"]*)"', attrs)
       result = type_text
       if opcode == "copy-start":  # (destination, source, context): the destination is written
-        arrays = re.findall(_ARRAY.pattern, type_text)
-        result = "".join(f"{a}[{d}]{l}" for a, d, l in arrays[:1])
+        result = _ARRAY.search(type_text).group(0)
       read = [types.get(o, "") for o in set(operands)]
       cycles = re.search(r'"estimated_cycles":"(\d+)"', attrs)
       out.append(Op(name, opcode, scope.group(1) if scope else "",
