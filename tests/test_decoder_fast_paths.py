@@ -185,6 +185,7 @@ def test_postprocess_equals_both_dense_matrices(input_size, original_size):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow  # compiles the decoder four times (two dtypes, a jaxpr, a gradient)
 def test_decoder_in_bfloat16_keeps_its_per_prompt_tensors_in_bfloat16():
   """`mask_decoder.dtype = "bfloat16"` (the recipes'): the image-sized per-prompt
   tensors are bfloat16, the masks and IoUs float32 and close to the float32 decoder's."""
