@@ -15,6 +15,8 @@ def paper_prompts_and_loss(c, box_noise_max_px: float = 20.0) -> None:
                    box_noise_frac=0.1, box_noise_max_px=box_noise_max_px)
   c.loss = dict(focal=20.0, dice=1.0, iou_mse=1.0)
   c.loss_params = dict(focal=dict(alpha=0.25, gamma=2.0))
+  # Masks are scored on the decoder's low-res grid times this (4: the input resolution).
+  c.loss_upsample = 1
 
 
 def outputs_off(c) -> None:

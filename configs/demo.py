@@ -76,7 +76,7 @@ def get_config(arg=None):
   if quick:
     c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
   # b2 0.95: Adam's second moment forgets the first steps' large gradients sooner (docs/demo.md).
-  c.optim = dict(lr=2e-3, warmup_steps=20, decay_steps=(500,),
+  c.optim = dict(lr=2e-3, warmup_steps=20, schedule="step", decay_steps=(500,),
                  decay_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS)
   c.remat_rounds = False

@@ -83,15 +83,35 @@ def test_slices_split_the_data_axis_only():
 
 
 def test_collectives_parsed_from_hlo_text():
-  text = """
-  %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dims={0}
+  text = """HloModule step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (q: f32[256]) -> f32[256] {
+  %q = f32[256]{0} parameter(0)
+  ROOT %ar.1 = f32[256]{0} all-reduce(f32[256]{0} %q), to_apply=%add
+}
+
+ENTRY %main (p: f32[4,8], x: bf16[1024], y: f32[8,3], z: f32[256]) -> f32[16,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %x = bf16[1024]{0} parameter(1)
+  %y = f32[8,3]{1,0} parameter(2)
+  %z = f32[256]{0} parameter(3)
+  %all-gather-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), dimensions={0}
   %all-gather-done = f32[16,8]{1,0} all-gather-done(%all-gather-start)
   %ar = bf16[1024]{0} all-reduce(bf16[1024]{0} %x), to_apply=%add
-  %rs = f32[2,3]{1,0} reduce-scatter(f32[8,3]{1,0} %y), dimensions={0}
-  """
+  %rs = f32[2,3]{1,0} reduce-scatter(f32[8,3]{1,0} %y), dimensions={0}, to_apply=%add
+  %loop = f32[256]{0} while(f32[256]{0} %z), condition=%cond, body=%body
+  ROOT %out = f32[16,8]{1,0} copy(%all-gather-done)
+}
+"""
   got = cr.collectives(text)
-  assert got["all-gather"] == dict(count=1, bytes=16 * 8 * 4)
-  assert got["all-reduce"] == dict(count=1, bytes=2048)
+  assert got["all-gather"] == dict(count=1, bytes=16 * 8 * 4)  # the gathered array
+  assert got["all-reduce"] == dict(count=2, bytes=2048 + 256 * 4)  # the loop's body once
   assert got["reduce-scatter"] == dict(count=1, bytes=24)
   assert got["all-to-all"]["count"] == 0
 
@@ -246,6 +266,10 @@ def test_batch_search_when_nothing_fits_and_when_a_compile_fails():
     raise ValueError("shapes do not match")
   with pytest.raises(ValueError, match="shapes do not match"):
     cr.batch_search(broken, 4, 95 * GIB)
+  def misconfigured(global_batch):  # names memory, but is not the compiler running out of it
+    raise ValueError("memory_kind 'pinned_host' is not supported by this backend")
+  with pytest.raises(ValueError, match="memory_kind"):
+    cr.batch_search(misconfigured, 4, 95 * GIB)
 
 
 @pytest.mark.slow  # two compiles of the full-size decoder, about a minute

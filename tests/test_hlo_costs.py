@@ -88,3 +88,20 @@ def test_named_scopes_of_a_compiled_program_reach_the_parts():
   # The matmul reads x and w: at least their bytes, wherever they were placed.
   assert parts["image encoder"]["bytes"] >= x.nbytes + w.nbytes
   assert parts["optimizer update"]["bytes"] >= 2 * 512 * 1024 * 4  # reads y, writes the sum
+
+
+def test_the_decoders_parts_are_found_in_its_compiled_program():
+  """The decoder's named modules and scopes reach their parts, the mask product included."""
+  from configs import demo
+  from sam_jax.build import build_sam
+  from sam_jax.checkpoint import init_params
+  from sam_jax.modeling.sam import Sam
+  model = build_sam(demo.tiny_model(64))
+  params = init_params(model, jax.random.key(0))
+  emb = jnp.ones((1, 4, 4, 64), jnp.float32)
+  coords, labels = jnp.full((1, 2, 1, 2), 30.0), jnp.ones((1, 2, 1), jnp.int32)
+  decode = jax.jit(lambda p: model.apply({"params": p}, emb, coords, labels, method=Sam.decode))
+  parts = hlo_costs.breakdown(decode.lower(params).compile().as_text())
+  for name in ("decoder: two-way transformer", "decoder: upscaling",
+               "decoder: mask heads (hypernetworks, product)", "prompt encoder"):
+    assert parts.get(name, {}).get("ops", 0) > 0, (name, sorted(parts))

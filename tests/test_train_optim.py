@@ -173,3 +173,12 @@ def test_freezing_the_prompt_encoder_by_regex_leaves_it_unchanged():
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
                                        after["mask_decoder"], before["mask_decoder"]))
   assert sum(moved) > 0.9 * len(moved)  # the decoder trains
+
+
+def test_cosine_schedule_after_warmup_ends_at_the_last_decay_step():
+  _, _, schedule = _setup("full", schedule="cosine")
+  got = [float(schedule(s)) for s in (0, 5, 10, 20, 30, 100)]
+  # Warmup to lr at 10, half way down the cosine at 20, lr x decay_factor from 30 on.
+  np.testing.assert_allclose(got, [0, 5e-3, 1e-2, 5.5e-3, 1e-3, 1e-3], rtol=1e-5)
+  with pytest.raises(ValueError, match="'step' and 'cosine'"):
+    _setup("full", schedule="linear")

@@ -171,6 +171,7 @@ def tiny_step():
   return step
 
 
+@pytest.mark.slow  # two training steps compiled, 15-25 s: kept out of the quick tier
 @pytest.mark.usefixtures("fast_compiles")
 def test_a_zero_weighted_loss_term_changes_nothing(tiny_step):
   (loss, metrics), grads = tiny_step(PAPER_LOSS)
@@ -223,3 +224,41 @@ def test_jittered_boxes_stay_inside_a_non_square_image():
   assert noisy[:, [0, 2]].max() <= 120.0 and noisy[:, [1, 3]].max() <= 200.0
   assert noisy[:, [1, 3]].max() > 120.0  # y is clipped to the height, not to the width
   assert (noisy[:, :2] <= noisy[:, 2:]).all() and noisy.min() >= 0.0
+
+
+def test_logits_are_upsampled_as_the_predictor_upscales_them():
+  from sam_jax.build import build_sam
+  from tests.conftest import tiny_train_config
+  config = tiny_train_config()
+  model = build_sam(config.model)
+  low = recipe.low_res_size(model)
+  with config.ignore_type():
+    config.loss_upsample = 4
+  size = recipe.target_size(model, config)
+  assert size == tuple(4 * s for s in low) == tuple(model.image_size)
+  logits = jax.random.normal(jax.random.key(0), (2, 3, *low))
+  square = tuple(model.image_size)
+  np.testing.assert_allclose(recipe.upsample(logits, size),
+                             model.postprocess_masks(logits, square, square), atol=1e-5)
+  assert recipe.upsample(logits, low) is logits
+  config.loss_upsample = 0
+  with pytest.raises(ValueError, match="loss_upsample"):
+    recipe.target_size(model, config)
+
+
+def test_a_click_on_a_finer_grid_is_drawn_from_the_upsampled_error_region():
+  # Low-res logits: one positive cell at (1, 1) of 4 x 4; the ground truth on the 16 x 16
+  # grid is that cell's 4 x 4 pixels shifted by one pixel, so the errors are thin strips.
+  prev = jnp.full((1, 1, 4, 4), -10.0).at[0, 0, 1, 1].set(10.0)
+  gt = np.zeros((1, 1, 16, 16), bool)
+  gt[0, 0, 5:9, 5:9] = True
+  pred = np.asarray(recipe.upsample(prev, (16, 16))) > 0
+  coords = jnp.zeros((1, 1, 3, 2))
+  labels = jnp.full((1, 1, 3), PADDING)
+  slot = jnp.array([False, False, True])
+  for seed in range(20):
+    c, lab = recipe.add_click(jax.random.key(seed), prev, jnp.asarray(gt), 1.0, coords, labels,
+                              jnp.bool_(True), slot)
+    x, y = np.asarray(c[0, 0, 2]).astype(int)
+    assert pred[0, 0, y, x] != gt[0, 0, y, x], (seed, x, y)
+    assert int(lab[0, 0, 2]) == (FOREGROUND if gt[0, 0, y, x] else BACKGROUND)

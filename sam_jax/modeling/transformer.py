@@ -11,6 +11,7 @@ layer's projections of the image) can also be kept across calls:
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,7 +108,7 @@ class Attention(nn.Module):
     self.out_proj = Projection(internal, dim)
 
   def _weights(self, proj: Projection) -> Tuple[jax.Array, jax.Array]:
-    return tuple(x.astype(self.dtype) for x in proj())
+    return promote_dtype(*proj(), dtype=self.dtype)
 
   @property
   def head_dim(self) -> int:
@@ -302,7 +303,7 @@ class TwoWayTransformer(nn.Module):
 
 
   def _cast(self, *xs: jax.Array) -> Tuple[jax.Array, ...]:
-    return tuple(x.astype(self.dtype) for x in xs)
+    return tuple(promote_dtype(*xs, dtype=self.dtype))
 
 
 def _flatten(image: jax.Array) -> jax.Array:

@@ -147,13 +147,6 @@ def per_chip_bytes(tree) -> int:
   return int(sum(_bytes(x.sharding.shard_shape(x.shape), x.dtype) for x in jax.tree.leaves(tree)))
 
 
-_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
-def _shape_bytes(text: str) -> List[int]:
-  return [math.prod(dims) * bits // 8 for bits, dims, _ in hlo_costs.arrays(text)]
-
-
 def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
   """{kind: {count, bytes}} of the collectives in a compiled module's text.
 
@@ -161,12 +154,11 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
   A loop's body is counted once, whatever its trip count.
   """
   out = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if m:
-      sizes = _shape_bytes(m.group(1))
-      out[m.group(2)]["count"] += 1
-      out[m.group(2)]["bytes"] += max(sizes) if sizes else 0
+  for op in hlo_costs.ops(hlo_text):
+    kind = op.opcode.removesuffix("-start")  # an async collective counts at its start
+    if kind in out:
+      out[kind]["count"] += 1
+      out[kind]["bytes"] += op.largest_result
   return out
 
 
@@ -219,7 +211,7 @@ def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
   from sam_jax.build import image_size_hw  # noqa: PLC0415
   from sam_jax.train import recipe  # noqa: PLC0415
   h, w = image_size_hw(trainer.mcfg.image_size)
-  mh, mw = recipe.low_res_size(trainer.model)
+  mh, mw = recipe.target_size(trainer.model, trainer.config)
   m = trainer.config.data.max_masks
   images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
   embeddings = bool(trainer.config.get("cache_embeddings", False))
@@ -343,7 +335,8 @@ def _fits(c: Compiled, hbm: Optional[int]) -> Optional[bool]:
 
 
 def _out_of_memory(e: Exception) -> bool:
-  return "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower()
+  """Whether a compile failed for want of device memory (XLA's RESOURCE_EXHAUSTED)."""
+  return re.search(r"RESOURCE_EXHAUSTED|\bout of memory\b", str(e), re.IGNORECASE) is not None
 
 
 def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]] = None,

@@ -26,7 +26,7 @@ PARTS = (
     ("/transformer/", "decoder: two-way transformer"),
     ("output_upscaling", "decoder: upscaling"),
     ("output_hypernetworks", "decoder: mask heads (hypernetworks, product)"),
-    ("npmk,npijaecfk", "decoder: mask heads (hypernetworks, product)"),
+    ("mask_product", "decoder: mask heads (hypernetworks, product)"),
     ("iou_prediction_head", "decoder: IoU head"),
     ("mask_decoder", "decoder: other"),
     ("losses", "losses"),
@@ -47,6 +47,7 @@ class Op(NamedTuple):
   bytes: int  # operands read and result written, wherever they are placed
   hbm_bytes: int  # of those, the ones placed in HBM
   cycles: int  # the TPU compiler's estimate for the op ("estimated_cycles"), 0 where none
+  largest_result: int  # bytes of the result's largest array (a collective's payload)
 
 
 def arrays(type_text: str) -> Iterator[Tuple[int, List[int], bool]]:
@@ -153,7 +154,8 @@ def ops(hlo_text: str) -> List[Op]:
       out.append(Op(name, opcode, scope.group(1) if scope else "",
                     _bytes(result) + sum(_bytes(t) for t in read),
                     _bytes(result, hbm_only=True) + sum(_bytes(t, hbm_only=True) for t in read),
-                    int(cycles.group(1)) if cycles else 0))
+                    int(cycles.group(1)) if cycles else 0,
+                    max((math.prod(d) * b // 8 for b, d, _ in arrays(result)), default=0)))
 
   walk(entry, set())
   return out

@@ -1,4 +1,4 @@
-"""AdamW with warmup + step decay, layer-wise lr decay and parameter groups.
+"""AdamW with warmup + step (or cosine) decay, layer-wise lr decay and parameter groups.
 
 Which parameters train, and their lr and weight-decay multipliers, are set by
 regular expressions over parameter paths (`param_groups`): `config.freeze`,
@@ -34,11 +34,27 @@ def layer_lr_scales(params, depth: int, decay: float):
 
 
 def lr_schedule(cfg) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then x `decay_factor` at each of `decay_steps`."""
+  """Linear warmup from 0 to `lr`, then by `cfg.schedule`:
+    "step" (the paper's): x `decay_factor` at each of `decay_steps`;
+    "cosine": a half cosine from `lr` down to `lr * decay_factor`, reached at the
+      last of `decay_steps` and held after it.
+  """
   warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
-  steps = optax.piecewise_constant_schedule(
-      cfg.lr, {int(s) - cfg.warmup_steps: cfg.decay_factor for s in cfg.decay_steps})
-  return optax.join_schedules([warmup, steps], [cfg.warmup_steps])
+  kind = cfg.get("schedule", "step")
+  if kind == "step":
+    after = optax.piecewise_constant_schedule(
+        cfg.lr, {int(s) - cfg.warmup_steps: cfg.decay_factor for s in cfg.decay_steps})
+  elif kind == "cosine":
+    if not cfg.decay_steps or max(cfg.decay_steps) <= cfg.warmup_steps:
+      raise ValueError(f"config.optim.schedule 'cosine' ends at the last of decay_steps "
+                       f"{tuple(cfg.decay_steps)}, which must come after the "
+                       f"{cfg.warmup_steps} warmup steps.")
+    after = optax.cosine_decay_schedule(cfg.lr, max(cfg.decay_steps) - cfg.warmup_steps,
+                                        alpha=cfg.decay_factor)
+  else:
+    raise ValueError(f"config.optim.schedule is {kind!r}; the schedules are 'step' and "
+                     "'cosine'.")
+  return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
 def per_value(make: Callable[[float], optax.GradientTransformation], values,

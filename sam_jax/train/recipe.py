@@ -9,6 +9,7 @@ from typing import Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 
+from sam_jax.modeling.image_encoder import linear_resize_matrix
 from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, FOREGROUND, PADDING
 from sam_jax.modeling.sam import Sam
 from sam_jax.train import losses, param_groups, prompts
@@ -19,6 +20,30 @@ Terms = Dict[str, jax.Array]
 def low_res_size(model: Sam) -> Tuple[int, int]:
   gh, gw = model.prompt_encoder.image_embedding_size
   return 4 * gh, 4 * gw
+
+
+def target_size(model: Sam, config) -> Tuple[int, int]:
+  """Where the masks are scored: the low-res grid times `config.loss_upsample`.
+
+  1 scores the decoder's own low-res logits; 4 upsamples them to the input
+  resolution first, as SAM 2's released training code does, so that the loss
+  sees boundaries finer than a low-res cell (`upsample`).
+  """
+  factor = int(config.get("loss_upsample", 1))
+  if factor < 1:
+    raise ValueError(f"config.loss_upsample is {factor}; it must be a whole number >= 1 "
+                     "(1: the decoder's low-res grid, 4: the input resolution).")
+  return tuple(factor * s for s in low_res_size(model))
+
+
+def upsample(logits: jax.Array, size: Tuple[int, int]) -> jax.Array:
+  """Logits (..., h, w) -> (..., H, W), bilinear with half-pixel centres (as the
+  predictor upscales them); the identity when the sizes agree."""
+  h, w = logits.shape[-2:]
+  if (h, w) == tuple(size):
+    return logits
+  rows, cols = linear_resize_matrix(h, size[0]), linear_resize_matrix(w, size[1])
+  return jnp.einsum("Hh,...hw,Ww->...HW", rows, logits, cols)
 
 
 def embed(model: Sam, params, batch, key, train: bool) -> jax.Array:
@@ -89,7 +114,8 @@ def add_click(key, prev_logits, gt, stride: float, coords, labels, adds, slot):
   """A click drawn from the error region of the previous mask into this round's slot:
   foreground where it missed the object, background where it spilled over; a
   round that `adds` nothing fills the slot with PADDING."""
-  c, lab = prompts.point_from_error(key, prev_logits > 0, gt, stride)
+  pred = upsample(prev_logits, gt.shape[-2:]) > 0
+  c, lab = prompts.point_from_error(key, pred, gt, stride)
   lab = jnp.where(adds, lab, PADDING)
   coords = jnp.where(slot[:, None], c[..., None, :], coords)
   labels = jnp.where(slot, lab[..., None], labels)
@@ -153,7 +179,8 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   masks are scored against the ground truth by the terms of `config.loss`.
 
   batch: `images` (B, S, S, 3) or `embeddings` (B, h, w, C); `masks` (B, N, L, L)
-  on the low-res grid; `valid` (B, N).
+  on the grid of `target_size` (the logits are upsampled to it to be scored, and
+  clicks are drawn on it); `valid` (B, N).
   """
   weights, loss_params = config.loss, config.get("loss_params", None) or {}
   losses.check_config(weights, loss_params)
@@ -162,7 +189,7 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   gt = batch["masks"].astype(bool)
   valid = batch["valid"] & gt.any(axis=(-2, -1))
   image_size = tuple(model.image_size)  # (H, W)
-  stride = image_size[1] / gt.shape[-1]  # the low-res grid is 4x the tokens on both axes
+  stride = image_size[1] / gt.shape[-1]  # input pixels per cell of the masks' grid
   k_embed, k_first, k_plan, k_rounds = jax.random.split(key, 4)
   emb = embed(model, params, batch, k_embed, train)
 
@@ -172,7 +199,8 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
 
   @jax.named_scope("losses")  # named scopes let the compile report attribute the ops
   def score(logits, iou_pred):
-    return losses.mask_losses(logits, gt, iou_pred, weights, loss_params)
+    return losses.mask_losses(upsample(logits, gt.shape[-2:]), gt, iou_pred, weights,
+                              loss_params)
 
   num_slots = config.prompts.num_rounds + 1  # two for the first prompt, one per click
   coords, labels, is_box = first_prompt(k_first, gt, config.prompts, stride, image_size,

@@ -322,9 +322,9 @@ def open_data(config, workdir: str, trainer: Trainer):
   """The training examples, and the held-out examples to evaluate on (None without)."""
   mcfg = trainer.mcfg
   image_hw = image_size_hw(mcfg.image_size)
-  low_res = recipe.low_res_size(trainer.model)
+  target = recipe.target_size(trainer.model, config)
   train_dir, eval_dir = _prepare_data(config, workdir)
-  train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, low_res,
+  train_src = data_lib.open_examples(config.data, "train", train_dir, workdir, image_hw, target,
                                      config.data.max_masks, mcfg.pixel_mean)
   if not config.eval.num_images:
     return train_src, None
