@@ -58,8 +58,12 @@ def arrays(type_text: str) -> Iterator[Tuple[int, List[int], bool]]:
     yield bits, [int(d) for d in dims.split(",") if d], not space or space.group(1) == "0"
 
 
+def _array_bytes(type_text: str, hbm_only: bool = False) -> List[int]:
+  return [math.prod(d) * b // 8 for b, d, hbm in arrays(type_text) if hbm or not hbm_only]
+
+
 def _bytes(type_text: str, hbm_only: bool = False) -> int:
-  return sum(math.prod(d) * b // 8 for b, d, hbm in arrays(type_text) if hbm or not hbm_only)
+  return sum(_array_bytes(type_text, hbm_only))
 
 
 def _balanced(s: str, i: int) -> int:
@@ -155,7 +159,7 @@ def ops(hlo_text: str) -> List[Op]:
                     _bytes(result) + sum(_bytes(t) for t in read),
                     _bytes(result, hbm_only=True) + sum(_bytes(t, hbm_only=True) for t in read),
                     int(cycles.group(1)) if cycles else 0,
-                    max((math.prod(d) * b // 8 for b, d, _ in arrays(result)), default=0)))
+                    max(_array_bytes(result), default=0)))
 
   walk(entry, set())
   return out
