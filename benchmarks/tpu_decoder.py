@@ -29,10 +29,13 @@ from sam_jax.train import compile_report, hlo_costs
 TOPOLOGIES = {"v5p": "v5p:2x2x1", "v5e": "v5e:2x2", "v6e": "v6e:2x2", "v4": "v4:2x2x1"}
 
 
-def compile_round(dtype: str, chip: str, images: int, masks: int, points: int = 3):
-  """Figures of one decoder round's forward and backward for `images` x `masks` prompts."""
+def compile_round(dtype: str, chip: str, images: int, masks: int, points: int = 3,
+                  image_size: int = 1024):
+  """Figures of one decoder round's forward and backward for `images` x `masks` prompts
+  on `image_size`-pixel images (the token grid and the masks scale with it)."""
   device = compile_report.topology_devices(TOPOLOGIES[chip])[0]
   config = model_config("vit_b")  # the decoder and prompt encoder are the same for every size
+  config.image_size = image_size
   config.mask_decoder.dtype = dtype
   model = build_sam(config)
   grid, dim = model.prompt_encoder.image_embedding_size, model.prompt_encoder.embed_dim

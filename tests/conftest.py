@@ -24,18 +24,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def memory_lock(request):
-  """Tests marked `memory_heavy` hold a lock that every other test shares, so that under
-  xdist they never run beside another test (two full-size models do not fit in 24 GiB)."""
-  heavy = request.node.get_closest_marker("memory_heavy") is not None
+  """Tests marked `memory_heavy` (a full-size model: up to 10.3 GB of RSS) hold a lock
+  that only they take, so that under xdist no two of them run together; any other
+  test (a few GB at most) may run beside one."""
+  if request.node.get_closest_marker("memory_heavy") is None:
+    yield
+    return
   with open(os.path.join(ROOT, ".pytest_memory.lock"), "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX if heavy else fcntl.LOCK_SH)
+    fcntl.flock(f, fcntl.LOCK_EX)
     try:
-      if heavy:
-        _release_memory()
+      _release_memory()
       yield
     finally:
-      if heavy:
-        _release_memory()
+      _release_memory()
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -52,19 +53,36 @@ def _release_memory() -> None:
     pass
 
 
+CACHE_SETTINGS = dict(jax_persistent_cache_min_compile_time_secs=1.0,
+                      jax_persistent_cache_min_entry_size_bytes=-1,
+                      jax_compilation_cache_max_size=8 * 2**30)  # a size: locked writes
+
+
 @pytest.fixture(autouse=True, scope="session")
 def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for the session: the training tests build new jitted
-  steps for the same programs (a resumed run, a second Trainer) and compile once."""
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(keys[1], 1.0)
-  jax.config.update(keys[2], -1)
+  """One persistent XLA cache for every process of the session, the xdist workers and
+  the subprocesses that tests start (through the environment): the training tests
+  build new jitted steps for the same programs, in many tests, and compile each once."""
+  inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR")  # a subprocess of this session
+  if inherited:
+    path = inherited
+  else:
+    base = tmp_path_factory.getbasetemp()
+    path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache")
+  settings = dict(CACHE_SETTINGS, jax_compilation_cache_dir=path)
+  old = {k: getattr(jax.config, k) for k in settings}
+  old_env = {k.upper(): os.environ.get(k.upper()) for k in settings}
+  for k, v in settings.items():
+    jax.config.update(k, v)
+    os.environ[k.upper()] = str(v)
   yield
   for k, v in old.items():
     jax.config.update(k, v)
+  for k, v in old_env.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

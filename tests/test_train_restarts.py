@@ -72,10 +72,9 @@ class Run(Processes):
   def __init__(self, tmp_path, name, workdir, model_init, num_processes=2, devices=2,
                mesh_shape=(1, 2, 2), **extra):
     self.workdir, port = str(workdir), free_port()
-    # Every run of a topology compiles the same programs: once, for all the tests.
-    env = cpu_env(devices, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "jax_cache"),
-                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # Every run of a topology compiles the same programs: once, for all the tests
+    # (the session's compilation cache, conftest.compilation_cache, through the environment).
+    env = cpu_env(devices)
     super().__init__(tmp_path, {
         f"{name}.{i}": [sys.executable, "-c", SCRIPT, json.dumps(dict(
             num_processes=num_processes, process_id=i, port=port, workdir=self.workdir,

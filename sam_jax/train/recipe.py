@@ -43,7 +43,8 @@ def upsample(logits: jax.Array, size: Tuple[int, int]) -> jax.Array:
   if (h, w) == tuple(size):
     return logits
   rows, cols = linear_resize_matrix(h, size[0]), linear_resize_matrix(w, size[1])
-  return jnp.einsum("Hh,...hw,Ww->...HW", rows, logits, cols)
+  return jnp.einsum("Hh,...hw,Ww->...HW", rows, logits, cols,
+                    precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
 
 
 def embed(model: Sam, params, batch, key, train: bool) -> jax.Array:

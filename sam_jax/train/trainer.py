@@ -464,8 +464,9 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
                                    jax.process_index(), jax.process_count())
   log = MetricsLog(workdir, config)
   log.drop_after(start)  # rows a previous run logged past its last checkpoint
+  # One program, not an op-by-op compile for each leaf's shape.
   limits = _Divergence(config.get("diverge_factor", 100.0),
-                       float(jax.device_get(optax.global_norm(state["params"]))))
+                       float(jax.device_get(jax.jit(optax.global_norm)(state["params"]))))
   pending, t0, images_seen = [], time.time(), 0
   losses = {}
   step, preempted = start, False
