@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def memory_lock(request):
-  """Tests marked `memory_heavy` (a full-size model: up to 10.3 GB of RSS) hold a lock
-  that only they take, so that under xdist no two of them run together; any other
-  test (a few GB at most) may run beside one."""
+  """Tests marked `memory_heavy` (a full-size model) hold a lock that only they take, so
+  that under xdist no two of them run together; any other test may run beside one
+  (the memory measured: docs/testing.md)."""
   if request.node.get_closest_marker("memory_heavy") is None:
     yield
     return
@@ -71,18 +71,13 @@ def compilation_cache(tmp_path_factory):
     path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache")
   settings = dict(CACHE_SETTINGS, jax_compilation_cache_dir=path)
   old = {k: getattr(jax.config, k) for k in settings}
-  old_env = {k.upper(): os.environ.get(k.upper()) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-    os.environ[k.upper()] = str(v)
-  yield
+  with pytest.MonkeyPatch.context() as env:
+    for k, v in settings.items():
+      jax.config.update(k, v)
+      env.setenv(k.upper(), str(v))
+    yield
   for k, v in old.items():
     jax.config.update(k, v)
-  for k, v in old_env.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
