@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks import timing
 from benchmarks.models import astronaut, jax_model, paired_models
+from sam_jax.train import compile_report
 
 BENCHMARKS = ("encoder", "attention", "decoder", "predict", "amg", "engine", "train")
 
@@ -397,21 +398,6 @@ def _step_memory_gb(trainer, batch, batch_per_device: int) -> float:
   return round(used / 2**30, 3)
 
 
-def largest_fitting(memory_gb: Callable[[int], float], start: int, most: int,
-                    limit_gb: float) -> Tuple[Optional[int], List[Dict[str, Any]]]:
-  """The largest of start, 2 start, 4 start, ... <= `most` whose `memory_gb` fits in
-  `limit_gb` (None if `start` does not), and every size tried. Stops at the
-  first that does not fit: memory grows with the batch."""
-  tried, best, b = [], None, start
-  while b <= most:
-    gb = memory_gb(b)
-    tried.append(dict(batch_per_device=b, compiled_memory_gb=gb, fits=gb <= limit_gb))
-    if gb > limit_gb:
-      break
-    best, b = b, 2 * b
-  return best, tried
-
-
 def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
   """The batch search: compiled, not run, at each size; then two timed steps at
   the largest that fits, which show that it does."""
@@ -422,10 +408,13 @@ def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
     print(f"# batch search: {b} per device, {gb} GB of {limit_gb:.3g}", flush=True)  # if cut off
     return gb
 
-  best, tried = largest_fitting(memory_gb, args.train_batch, args.train_batch_max, limit_gb)
+  best, totals = compile_report.batch_search(memory_gb, limit_gb, most=args.train_batch_max,
+                                             known={args.train_batch: memory_gb(args.train_batch)})
+  tried = [dict(batch_per_device=b, compiled_memory_gb=gb, fits=gb is not None and gb <= limit_gb)
+           for b, gb in sorted(totals.items())]
   out = dict(memory_limit_gb=round(limit_gb, 2), batch_search=tried,
-             largest_batch_per_device=best)
-  if best is not None and best > args.train_batch:
+             largest_batch_per_device=best or None)
+  if best > args.train_batch:
     big = _synthetic_batch(best * jax.device_count(), trainer.model.image_size,
                            batch["masks"].shape[-2:], args.train_masks)
     times = []
@@ -526,8 +515,9 @@ def parse_args(argv=None):
   p.add_argument("--train-batch", type=int, default=None, help="training images per device")
   p.add_argument("--train-masks", type=int, default=None, help="masks per training image")
   p.add_argument("--train-batch-max", type=int, default=None,
-                 help="also find the largest per-device batch that fits: doubling "
-                      "--train-batch up to this, compiled only, then two steps at the largest")
+                 help="also find the largest per-device batch that fits, up to this: "
+                      "compiled only, from --train-batch (the TPU compile mode's search), "
+                      "then two steps at the largest")
   p.add_argument("--memory-limit-gb", type=float, default=None,
                  help="device memory for the batch search (default: the device's own limit)")
   p.add_argument("--no-remat", dest="remat", action="store_false",

@@ -7,7 +7,11 @@ import json
 import math
 import os
 import re
+import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import run
@@ -94,22 +98,33 @@ def test_train_row(report):
   assert "batch_search" not in row  # only with --train-batch-max
 
 
-def test_batch_search_doubles_until_the_first_that_does_not_fit():
-  tried = []
+def test_batch_search_rows_and_the_timed_steps_at_the_largest(monkeypatch):
+  """The GPU search (benchmarks.run) is compile_report's: one row per batch compiled,
+  seeded with --train-batch, at most --train-batch-max; then two timed steps at the largest."""
+  compiled, stepped = [], []
+  monkeypatch.setattr(run, "_step_memory_gb",
+                      lambda trainer, batch, b: compiled.append(b) or 1.0 + 0.5 * b)
 
-  def memory_gb(b):
-    tried.append(b)
-    return 1.0 + 0.5 * b
+  class Trainer:
+    model = types.SimpleNamespace(image_size=(16, 16))
 
-  assert run.largest_fitting(memory_gb, 2, 64, limit_gb=6.0) == (8, [
-      dict(batch_per_device=2, compiled_memory_gb=2.0, fits=True),
-      dict(batch_per_device=4, compiled_memory_gb=3.0, fits=True),
-      dict(batch_per_device=8, compiled_memory_gb=5.0, fits=True),
-      dict(batch_per_device=16, compiled_memory_gb=9.0, fits=False)])
-  assert tried == [2, 4, 8, 16]
-  assert run.largest_fitting(memory_gb, 2, 4, limit_gb=100)[0] == 4  # capped, all fit
-  best, tried = run.largest_fitting(memory_gb, 16, 64, limit_gb=6.0)
-  assert best is None and len(tried) == 1
+    def train_step(self, state, big):
+      stepped.append(big["images"].shape[0])
+      return state, dict(loss=jnp.float32(0.5))
+
+  batch = dict(masks=np.zeros((2, 4, 8, 8), bool))
+  args = types.SimpleNamespace(memory_limit_gb=6.0, train_batch=2, train_batch_max=64,
+                               train_masks=4)
+  out = run._largest_batch(Trainer(), None, batch, args)
+  assert out["largest_batch_per_device"] == 10  # 1 + 0.5 b <= 6
+  assert [r["batch_per_device"] for r in out["batch_search"]] == sorted(set(compiled))
+  assert all(r["fits"] == (r["compiled_memory_gb"] <= 6.0) for r in out["batch_search"])
+  assert stepped == [10 * jax.device_count()] * 2
+  args.train_batch_max = 4
+  assert run._largest_batch(Trainer(), None, batch, args)["largest_batch_per_device"] == 4
+  args.memory_limit_gb = 1.0
+  out = run._largest_batch(Trainer(), None, batch, args)
+  assert out["largest_batch_per_device"] is None and "largest_batch_step" not in out
 
 
 @pytest.mark.slow

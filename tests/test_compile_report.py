@@ -210,18 +210,16 @@ GIB = 2**30
 
 
 class _FakeCompiles:
-  """compile_at for batch_search: per-chip memory as a function of the per-chip batch."""
+  """total_at for batch_search: per-chip memory as a function of the per-chip batch."""
 
-  def __init__(self, memory, ways=4, oom_above=None):
-    self.memory, self.ways, self.oom_above, self.calls = memory, ways, oom_above, []
+  def __init__(self, memory, oom_above=None):
+    self.memory, self.oom_above, self.calls = memory, oom_above, []
 
-  def __call__(self, global_batch):
-    b = global_batch // self.ways
+  def __call__(self, b):
     self.calls.append(b)
     if self.oom_above is not None and b > self.oom_above:
       raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")
-    return cr.Compiled(memory=dict(total=self.memory(b) * GIB), cost={}, collectives={},
-                       compile_seconds=0.0)
+    return self.memory(b) * GIB
 
 
 @pytest.mark.parametrize("memory,oom_above", [
@@ -237,7 +235,7 @@ def test_batch_search_finds_the_largest_batch_that_fits(memory, oom_above):
     if seed is not None and oom_above is not None and seed > oom_above:
       continue
     known = None if seed is None else {seed: memory(seed) * GIB}
-    best, totals = cr.batch_search(fake, fake.ways, 95 * GIB, known)
+    best, totals = cr.batch_search(fake, 95 * GIB, known)
     assert best == want, (seed, totals)
     assert len(fake.calls) == len(set(fake.calls))  # nothing compiled twice
     if memory(1) == 1.3 + 10.2:  # linear: a line and its two checks
@@ -260,16 +258,19 @@ def test_costs_of_a_batch_that_does_not_fit_are_scaled_from_half_of_it():
     cr.costs_at_fitting_batch(compile_at, 12, 12)  # 1 per chip does not fit: no smaller batch
 
 
-def test_batch_search_when_nothing_fits_and_when_a_compile_fails():
-  assert cr.batch_search(_FakeCompiles(lambda b: 100 * b), 4, 95 * GIB)[0] == 0
-  def broken(global_batch):
+def test_batch_search_when_nothing_fits_everything_fits_and_a_compile_fails():
+  assert cr.batch_search(_FakeCompiles(lambda b: 100 * b), 95 * GIB)[0] == 0
+  everything = _FakeCompiles(lambda b: 1.0)
+  assert cr.batch_search(everything, 95 * GIB, {2: GIB}, most=6)[0] == 6
+  assert max(everything.calls) == 6
+  def broken(b):
     raise ValueError("shapes do not match")
   with pytest.raises(ValueError, match="shapes do not match"):
-    cr.batch_search(broken, 4, 95 * GIB)
-  def misconfigured(global_batch):  # names memory, but is not the compiler running out of it
+    cr.batch_search(broken, 95 * GIB)
+  def misconfigured(b):  # names memory, but is not the compiler running out of it
     raise ValueError("memory_kind 'pinned_host' is not supported by this backend")
   with pytest.raises(ValueError, match="memory_kind"):
-    cr.batch_search(misconfigured, 4, 95 * GIB)
+    cr.batch_search(misconfigured, 95 * GIB)
 
 
 @pytest.mark.slow  # two compiles of the full-width decoder, about a minute

@@ -157,7 +157,23 @@ def test_flipped_bytes_are_refused_naming_the_array(converted, tmp_path):
   # The checksum names the array; bytes that no longer decompress are named by the read.
   with pytest.raises(CheckpointError, match=r"damaged(.|\n)*kernel"):
     load_sam(target)
-  load_sam(target, verify=False)  # the opt-out
+
+
+def test_verify_false_loads_despite_a_checksum_mismatch(converted, tmp_path):
+  """The opt-out, on intact bytes whose recorded checksum is wrong: flipped bytes
+  may land in a compressed chunk, which no read can decode, verified or not."""
+  _, out, params = converted
+  target = _copy(out, tmp_path)
+  with open(target / "manifest.json") as f:
+    manifest = json.load(f)
+  manifest["arrays"]["mask_decoder/iou_token/embedding"]["sha256"] = "0" * 64
+  with open(target / "manifest.json", "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(CheckpointError, match="1 damaged array(.|\n)*mask_decoder/iou_token"):
+    load_sam(target)
+  _, loaded = load_sam(target, verify=False)
+  np.testing.assert_array_equal(loaded["mask_decoder"]["iou_token"]["embedding"],
+                                params["mask_decoder"]["iou_token"]["embedding"])
 
 
 def test_verify_names_each_changed_array(converted):

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -339,37 +339,40 @@ def _out_of_memory(e: Exception) -> bool:
   return re.search(r"RESOURCE_EXHAUSTED|\bout of memory\b", str(e), re.IGNORECASE) is not None
 
 
-def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]] = None,
-                 limit: int = 4096) -> Tuple[int, Dict[int, Optional[int]]]:
-  """Largest per-chip batch that fits, by compiling; (it, {batch: total bytes or None}).
+def batch_search(total_at: Callable[[int], float], limit: float,
+                 known: Optional[Dict[int, float]] = None,
+                 most: int = 4096) -> Tuple[int, Dict[int, Optional[float]]]:
+  """Largest per-device batch <= `most` whose memory fits in `limit`, by compiling;
+  (it, {batch: memory or None}), 0 if not even 1 fits.
 
-  Per-chip memory is close to linear in the batch (state, plus activations per
-  image): a line through the two nearest compiles predicts the largest batch,
-  and the compiles at the prediction and next to it confirm it, so a search
-  seeded with one compile (`known`: {per-chip batch: total bytes}) takes about
-  three more; where memory is not linear, the bracket still closes one batch
-  at a time. None: the compiler ran out of memory.
+  `total_at(b)`: the compiled program's memory per device at b per device (any
+  unit, the same as `limit`). Memory is close to linear in the batch (state,
+  plus activations per image): a line through the two nearest compiles
+  predicts the largest batch, and the compiles at the prediction and next to
+  it confirm it, so a search seeded with one compile (`known`: {batch:
+  memory}) takes about three more; where memory is not linear, the bracket
+  still closes one batch at a time. None: the compiler ran out of memory.
   """
-  totals: Dict[int, Optional[int]] = dict(known or {})
+  totals: Dict[int, Optional[float]] = dict(known or {})
 
   def fits(b: int) -> bool:
     if b not in totals:
       try:
-        totals[b] = int(compile_at(b * ways).memory["total"])
+        totals[b] = total_at(b)
       except Exception as e:  # noqa: BLE001 - a compile that runs out of memory also says no
         if not _out_of_memory(e):
           raise
         totals[b] = None
-    return totals[b] is not None and totals[b] <= hbm
+    return totals[b] is not None and totals[b] <= limit
 
   def predicted(lo: int) -> Optional[int]:
-    """Where the line through the two measured batches nearest `lo` meets the HBM."""
+    """Where the line through the two measured batches nearest `lo` meets `limit`."""
     near = sorted((b for b, t in totals.items() if t is not None), key=lambda b: abs(b - lo))
     if len(near) < 2:
       return None
     (b0, t0), (b1, t1) = ((b, totals[b]) for b in near[:2])
     slope = (t1 - t0) / (b1 - b0)
-    return int(b0 + (hbm - t0) // slope) if slope > 0 else None
+    return int(b0 + (limit - t0) // slope) if slope > 0 else None
 
   lo = max((b for b in list(totals) if fits(b)), default=0)
   hi = min((b for b in list(totals) if b > lo and not fits(b)), default=None)
@@ -383,8 +386,8 @@ def batch_search(compile_at, ways: int, hbm: int, known: Optional[Dict[int, int]
       fits(lo // 2)  # a second point for the line, below lo: it fits
       continue
     b = 2 * lo if guess is None else guess
-    b = min(max(b, lo + 1), limit if hi is None else hi - 1)
-    if b <= lo:  # lo is the limit
+    b = min(max(b, lo + 1), most if hi is None else hi - 1)
+    if b <= lo:  # lo is `most`
       break
     if fits(b):
       lo = b
@@ -441,7 +444,8 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
       cost_source=source, note=_cost_note(source))
   if do_batch_search and hbm:
     seed = {config.batch_size // ways: train.memory["total"]} if train.memory["total"] else {}
-    best, totals = batch_search(lambda b: compile_train_step(trainer, b), ways, hbm, seed)
+    best, totals = batch_search(
+        lambda b: compile_train_step(trainer, b * ways).memory["total"], hbm, seed)
     out["train"]["max_per_chip_batch"] = best
     out["train"]["batch_search"] = {str(b): dict(total=t, fits=t is not None and t <= hbm)
                                     for b, t in sorted(totals.items())}
@@ -452,7 +456,7 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
                             per_chip_batch=inference_batch, fits=_fits(enc, hbm),
                             time_bounds=time_bounds(enc.cost, kind, peak))
     if do_batch_search and hbm:
-      best, _ = batch_search(lambda g: compile_encoder(trainer, g), ways, hbm,
+      best, _ = batch_search(lambda b: compile_encoder(trainer, b * ways).memory["total"], hbm,
                              {inference_batch: enc.memory["total"]} if enc.memory["total"] else {})
       out["inference"]["max_per_chip_batch"] = best
   return out
