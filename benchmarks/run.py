@@ -366,7 +366,7 @@ def bench_engine(ref, model, params, variant, args) -> List[Dict[str, Any]]:
                     "randomised weights")]
 
 
-def _synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int = 0):
+def synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int = 0):
   """Images and rectangular object masks of varied size on the low-res grid."""
   rs = np.random.RandomState(seed)
   h, w = image_size
@@ -415,7 +415,7 @@ def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
   out = dict(memory_limit_gb=round(limit_gb, 2), batch_search=tried,
              largest_batch_per_device=best or None)
   if best > args.train_batch:
-    big = _synthetic_batch(best * jax.device_count(), trainer.model.image_size,
+    big = synthetic_batch(best * jax.device_count(), trainer.model.image_size,
                            batch["masks"].shape[-2:], args.train_masks)
     times = []
     for _ in range(2):  # compiled by the search; the first also allocates the larger buffers
@@ -453,7 +453,7 @@ def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
     cfg.remat_rounds = False
   trainer = Trainer(cfg)
   low_res = recipe.low_res_size(trainer.model)
-  batch = _synthetic_batch(cfg.batch_size, trainer.model.image_size, low_res, args.train_masks)
+  batch = synthetic_batch(cfg.batch_size, trainer.model.image_size, low_res, args.train_masks)
   # Counted on the step's jaxpr (forward and backward of every round, no remat).
   model_flops = flops.train_step_flops(trainer.mcfg, cfg, trainer.abstract_params, batch)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import run
+from tests.conftest import ROOT
 
 # Timings are recorded, never checked: compiled without XLA's optimisations.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -212,6 +213,29 @@ def test_profile_encoder_splits_the_time_by_model_part(capsys):
   assert sum(parts.values()) == pytest.approx(100, abs=0.5)
   largest = [line for line in out.splitlines() if re.match(r" +[0-9.]+  ", line)]
   assert len(largest) == 3, out
+
+
+@pytest.mark.slow
+def test_profile_train_step_splits_the_time_by_part_and_pass(capsys):
+  from benchmarks import profile_train_step
+  tiny = ["--config.model.image_size=64", "--config.model.prompt_embed_dim=32",
+          "--config.model.image_encoder.embed_dim=32", "--config.model.image_encoder.depth=1",
+          "--config.model.image_encoder.global_attn_indexes=()",
+          "--config.model.image_encoder.window_size=2",
+          "--config.model.mask_decoder.transformer_depth=1", "--config.prompts.num_rounds=2",
+          "--config.batch_size=2", "--config.data.max_masks=2"]
+  assert profile_train_step.main([f"--config={ROOT}/configs/demo.py:quick", *tiny,
+                                  "--steps", "1", "--calls", "1", "--top", "3"]) == 0
+  out = capsys.readouterr().out
+  tables = re.split(r"\n(?=\S)", out.split("\nby part and pass", 1)[1])
+  rows = [line for line in tables[0].splitlines()[1:] if line.startswith("  ")]
+  parts = {line.split("ops  ", 1)[1]: float(line.split()[2].rstrip("%")) for line in rows}
+  for part in ("image encoder, forward", "image encoder, backward",
+               "decoder: two-way transformer, forward", "decoder: two-way transformer, backward",
+               "losses, forward", "optimizer update, other"):
+    assert part in parts, out
+  assert sum(parts.values()) == pytest.approx(100, abs=0.5)
+  assert "images/s" in out and len(tables[2].splitlines()) == 1 + 3, out  # the three largest
 
 
 def test_model_part_reads_the_module_path():
