@@ -416,7 +416,7 @@ def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
              largest_batch_per_device=best or None)
   if best > args.train_batch:
     big = synthetic_batch(best * jax.device_count(), trainer.model.image_size,
-                           batch["masks"].shape[-2:], args.train_masks)
+                          batch["masks"].shape[-2:], args.train_masks)
     times = []
     for _ in range(2):  # compiled by the search; the first also allocates the larger buffers
       t = time.perf_counter()
