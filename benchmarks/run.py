@@ -398,9 +398,10 @@ def _step_memory_gb(trainer, batch, batch_per_device: int) -> float:
   return round(used / 2**30, 3)
 
 
-def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
-  """The batch search: compiled, not run, at each size; then two timed steps at
-  the largest that fits, which show that it does."""
+def _largest_batch(trainer, state, batch, args, start_gb: float) -> Dict[str, Any]:
+  """The batch search: compiled, not run, at each size, from `start_gb` (the
+  compiled memory at --train-batch); then two timed steps at the largest that
+  fits, which show that it does."""
   limit_gb = args.memory_limit_gb or jax.devices()[0].memory_stats()["bytes_limit"] / 2**30
 
   def memory_gb(b):
@@ -409,7 +410,7 @@ def _largest_batch(trainer, state, batch, args) -> Dict[str, Any]:
     return gb
 
   best, totals = compile_report.batch_search(memory_gb, limit_gb, most=args.train_batch_max,
-                                             known={args.train_batch: memory_gb(args.train_batch)})
+                                             known={args.train_batch: start_gb})
   tried = [dict(batch_per_device=b, compiled_memory_gb=gb, fits=gb is not None and gb <= limit_gb)
            for b, gb in sorted(totals.items())]
   out = dict(memory_limit_gb=round(limit_gb, 2), batch_search=tried,
@@ -490,7 +491,7 @@ def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
              # far the estimates of the batch search below can be trusted.
              compiled_memory_gb=_step_memory_gb(trainer, batch, args.train_batch))
   if args.train_batch_max:
-    row.update(_largest_batch(trainer, state, batch, args))
+    row.update(_largest_batch(trainer, state, batch, args, row["compiled_memory_gb"]))
   return [row]
 
 

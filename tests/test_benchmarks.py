@@ -116,15 +116,17 @@ def test_batch_search_rows_and_the_timed_steps_at_the_largest(monkeypatch):
   batch = dict(masks=np.zeros((2, 4, 8, 8), bool))
   args = types.SimpleNamespace(memory_limit_gb=6.0, train_batch=2, train_batch_max=64,
                                train_masks=4)
-  out = run._largest_batch(Trainer(), None, batch, args)
+  out = run._largest_batch(Trainer(), None, batch, args, 2.0)
   assert out["largest_batch_per_device"] == 10  # 1 + 0.5 b <= 6
-  assert [r["batch_per_device"] for r in out["batch_search"]] == sorted(set(compiled))
+  # The --train-batch row's memory is the caller's (compiled for the timed row): not again.
+  assert 2 not in compiled and len(compiled) == len(set(compiled))
+  assert [r["batch_per_device"] for r in out["batch_search"]] == sorted({2, *compiled})
   assert all(r["fits"] == (r["compiled_memory_gb"] <= 6.0) for r in out["batch_search"])
   assert stepped == [10 * jax.device_count()] * 2
   args.train_batch_max = 4
-  assert run._largest_batch(Trainer(), None, batch, args)["largest_batch_per_device"] == 4
+  assert run._largest_batch(Trainer(), None, batch, args, 2.0)["largest_batch_per_device"] == 4
   args.memory_limit_gb = 1.0
-  out = run._largest_batch(Trainer(), None, batch, args)
+  out = run._largest_batch(Trainer(), None, batch, args, 2.0)
   assert out["largest_batch_per_device"] is None and "largest_batch_step" not in out
 
 
