@@ -57,9 +57,6 @@ def model_config(variant: str = "vit_b") -> ml_collections.ConfigDict:
           attention_downsample_rate=2,
           dtype="float32",  # its per-prompt tensors' compute dtype (MaskDecoder.dtype)
       ),
-      # SAM 2's high-resolution features: maps of the pixels at the low-res masks'
-      # stride and twice it, added to the decoder's upscaling (MaskDecoder.high_res_features).
-      high_res_features=False,
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),
   ), type_safe=False)  # image_size may become a (height, width) pair
@@ -81,14 +78,11 @@ def build_sam(config: ml_collections.ConfigDict) -> Sam:
   dim = config.prompt_embed_dim
   return Sam(
       image_encoder=ImageEncoderViT(
-          image_size=size, out_chans=dim, dtype=jnp.dtype(config.dtype),
-          high_res_features=config.get("high_res_features", False), **enc),
+          image_size=size, out_chans=dim, dtype=jnp.dtype(config.dtype), **enc),
       prompt_encoder=PromptEncoder(
           embed_dim=dim, image_embedding_size=grid, input_image_size=size,
           **config.prompt_encoder),
-      mask_decoder=MaskDecoder(transformer_dim=dim,
-                               high_res_features=config.get("high_res_features", False),
-                               **config.mask_decoder),
+      mask_decoder=MaskDecoder(transformer_dim=dim, **config.mask_decoder),
       pixel_mean=tuple(config.pixel_mean),
       pixel_std=tuple(config.pixel_std),
   )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.modeling.common import MLPBlock, layer_norm, layer_norm_2d, pack_high_res
+from sam_jax.modeling.common import MLPBlock, layer_norm, layer_norm_2d
 
 
 def window_partition(x: jax.Array, window: int) -> Tuple[jax.Array, Tuple[int, int]]:
@@ -475,10 +475,6 @@ class ImageEncoderViT(nn.Module):
   # and the windowed blocks, which differ in sequence length (4096 and 196 at 1024).
   attention: str = "auto"
   window_attention: str = "auto"
-  # SAM 2's high-resolution features for the mask decoder's upscaling, here
-  # linear maps of the pixels at the low-res masks' stride and twice it, packed
-  # after the embedding's channels (`common.pack_high_res`).
-  high_res_features: bool = False
 
   @property
   def grid_size(self) -> Tuple[int, int]:
@@ -513,15 +509,4 @@ class ImageEncoderViT(nn.Module):
     x = layer_norm_2d("neck_1", self.dtype)(x)
     x = nn.Conv(self.out_chans, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
                 name="neck_2")(x)
-    x = layer_norm_2d("neck_3", self.dtype)(x)
-    if not self.high_res_features:
-      return x
-    if self.patch_size % 4:
-      raise ValueError(f"high_res_features needs a patch_size divisible by 4, not {self.patch_size}.")
-    s0, s1 = self.patch_size // 4, self.patch_size // 2  # input pixels per cell of each map
-    # Zero at init: the decoder starts as SAM's and learns what the pixels add.
-    conv = functools.partial(nn.Conv, padding="VALID", dtype=self.dtype,
-                             kernel_init=nn.initializers.zeros)
-    feat_s0 = conv(self.out_chans // 8, (s0, s0), (s0, s0), name="conv_s0")(images)
-    feat_s1 = conv(self.out_chans // 4, (s1, s1), (s1, s1), name="conv_s1")(images)
-    return pack_high_res(x, feat_s0, feat_s1)
+    return layer_norm_2d("neck_3", self.dtype)(x)

@@ -7,7 +7,7 @@ from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 
-from sam_jax.modeling.common import gelu, layer_norm_2d, split_high_res
+from sam_jax.modeling.common import gelu, layer_norm_2d
 from sam_jax.modeling.transformer import Heads, TwoWayTransformer
 
 
@@ -56,7 +56,6 @@ class ImageCache(NamedTuple):
   image_pe: jax.Array  # (1, h, w, C)
   src: jax.Array  # (B, 1, h, w, C): the image embeddings plus the dense prompt embedding
   first_layer: Dict[str, Heads]  # the transformer's first projections of src
-  high_res: Optional[Tuple[jax.Array, jax.Array]] = None  # see MaskDecoder.high_res_features
 
 
 class MaskDecoder(nn.Module):
@@ -72,9 +71,6 @@ class MaskDecoder(nn.Module):
   # masks and IoUs come out float32): "bfloat16" halves the decoder's memory
   # traffic, most of a training step's (docs/tpu.md, where the time goes).
   dtype: str = "float32"
-  # SAM 2's high-resolution features, added to the upscaling's two stages: the
-  # image embeddings then carry them after their channels (`common.pack_high_res`).
-  high_res_features: bool = False
 
   @property
   def num_mask_tokens(self) -> int:
@@ -105,24 +101,8 @@ class MaskDecoder(nn.Module):
                   dense_prompt_embeddings: jax.Array) -> ImageCache:
     """image_embeddings (B, h, w, C) with a dense embedding (B, P, h, w, C) or
     (B or 1, 1, h, w, C) shared by every prompt: see `__call__`."""
-    image_embeddings, high_res = self.split(image_embeddings)
     src = image_embeddings[:, None] + dense_prompt_embeddings
-    return ImageCache(image_pe, src, self.transformer.image_heads(src, image_pe), high_res)
-
-  def split(self, image_embeddings: jax.Array):
-    """The embeddings (B, h, w, C) and the high-resolution features (or None) of an
-    image embedding, which holds them when `high_res_features` is set."""
-    dim, channels = self.transformer_dim, image_embeddings.shape[-1]
-    expected = 4 * dim if self.high_res_features else dim
-    if channels != expected:
-      raise ValueError(
-          f"The mask decoder expects image embeddings of {expected} channels, got {channels}, "
-          f"as a model {'without' if self.high_res_features else 'with'} high_res_features "
-          "makes them: embed the images with the model that decodes them.")
-    if not self.high_res_features:
-      return image_embeddings, None
-    emb, s0, s1 = split_high_res(image_embeddings, dim)
-    return emb, (s0[:, None], s1[:, None])  # a prompt axis, as src has
+    return ImageCache(image_pe, src, self.transformer.image_heads(src, image_pe))
 
   def __call__(
       self,
@@ -136,7 +116,7 @@ class MaskDecoder(nn.Module):
     """Predicts masks for P prompts on each of B images.
 
     Args:
-      image_embeddings: (B, h, w, C), one per image (4C with `high_res_features`).
+      image_embeddings: (B, h, w, C), one per image.
       image_pe: (1, h, w, C) positional encoding of the embedding grid.
       sparse_prompt_embeddings: (B, P, T, C).
       dense_prompt_embeddings: (B, P, h, w, C), or (B or 1, 1, h, w, C) when
@@ -149,24 +129,23 @@ class MaskDecoder(nn.Module):
     Returns:
       mask logits (B, P, M, 4h, 4w) and predicted IoUs (B, P, M), M = 3 or 1.
     """
-    image_embeddings, high_res = self.split(image_embeddings)
     src = image_embeddings[:, None] + dense_prompt_embeddings
     return self._decode(src, image_pe, None, sparse_prompt_embeddings, multimask_output,
-                        sparse_prompt_mask, high_res)
+                        sparse_prompt_mask)
 
   def decode_cached(self, cache: ImageCache, sparse_prompt_embeddings: jax.Array,
                     multimask_output: bool, sparse_prompt_mask: Optional[jax.Array] = None
                     ) -> Tuple[jax.Array, jax.Array]:
     """`__call__` on an image kept by `cache_image`: its first projections are not redone."""
     return self._decode(cache.src, cache.image_pe, cache.first_layer, sparse_prompt_embeddings,
-                        multimask_output, sparse_prompt_mask, cache.high_res)
+                        multimask_output, sparse_prompt_mask)
 
   def output_tokens(self) -> jax.Array:
     """The IoU token, then the mask tokens: (num_output_tokens, C)."""
     return jnp.concatenate([self.iou_token.embedding, self.mask_tokens.embedding], 0)
 
   def _decode(self, src, image_pe, first_layer, sparse_prompt_embeddings, multimask_output,
-              sparse_prompt_mask, high_res):
+              sparse_prompt_mask):
     b, p = sparse_prompt_embeddings.shape[:2]
     output_tokens = self.output_tokens()
     tokens = jnp.concatenate(
@@ -177,17 +156,15 @@ class MaskDecoder(nn.Module):
       token_mask = jnp.concatenate(
           [jnp.ones((b, p, self.num_output_tokens), bool), sparse_prompt_mask.astype(bool)],
           axis=2)
-    return self.decode_tokens(src, image_pe, first_layer, tokens, token_mask, multimask_output,
-                              high_res)
+    return self.decode_tokens(src, image_pe, first_layer, tokens, token_mask, multimask_output)
 
-  def decode_tokens(self, src, image_pe, first_layer, tokens, token_mask, multimask_output,
-                    high_res=None) -> Tuple[jax.Array, jax.Array]:
+  def decode_tokens(self, src, image_pe, first_layer, tokens, token_mask, multimask_output
+                    ) -> Tuple[jax.Array, jax.Array]:
     """`__call__` on the whole token array, `output_tokens()` first, then the prompt's.
 
     src: the image embeddings plus the dense prompt embedding, (B, P or 1, h, w, C);
     first_layer: as `ImageCache.first_layer`, or None; tokens (B, P, T, C) and
-    token_mask (B, P, T) or None; high_res: `split`'s features, with
-    `high_res_features`. The ONNX export builds the tokens itself, so
+    token_mask (B, P, T) or None. The ONNX export builds the tokens itself, so
     that no shape it traces is the prompt's length plus a constant.
     """
     dim, n_masks = self.transformer_dim, self.num_mask_tokens
@@ -201,10 +178,9 @@ class MaskDecoder(nn.Module):
     # matmul to (2, 2, features) per pixel; the pixels are put in place once,
     # on the final masks (one channel) rather than on 64- and 32-channel maps.
     x = src.reshape(b, p, h, w, dim)
-    feat_s0, feat_s1 = (0.0, 0.0) if high_res is None else high_res
-    x = self.output_upscaling_0(x) + feat_s1  # (..., a, e, C/4)
+    x = self.output_upscaling_0(x)  # (..., a, e, C/4)
     x = gelu(self.output_upscaling_1(x))
-    upscaled = gelu(self.output_upscaling_3(x) + feat_s0)  # (..., a, e, c, f, C/8)
+    upscaled = gelu(self.output_upscaling_3(x))  # (..., a, e, c, f, C/8)
 
     # "all": every token's mask, the single-mask one first (Meta's ONNX decoder returns these).
     keep = (slice(None) if isinstance(multimask_output, str) and multimask_output == "all"
