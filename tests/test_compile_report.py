@@ -292,9 +292,9 @@ def test_a_config_that_caches_embeddings_is_compiled_on_embeddings():
   caches them, without the encoder's passes."""
   c = tiny_config((1, 4, 1))
   mesh = cr.make_mesh((1, 4, 1), cr.topology_devices("v5e:2x2"))
-  images = cr.train_batch(Trainer(c, mesh=mesh), 4)
+  images = Trainer(c, mesh=mesh).abstract_batch(4)
   c.cache_embeddings = True
-  embeddings = cr.train_batch(Trainer(c, mesh=mesh), 4)
+  embeddings = Trainer(c, mesh=mesh).abstract_batch(4)
   assert set(images) == {"images", "masks", "valid"}
   assert set(embeddings) == {"embeddings", "masks", "valid"}
   grid = Trainer(c, mesh=mesh).model.prompt_encoder.image_embedding_size

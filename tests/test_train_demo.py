@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import pytest
 
 from configs import demo
@@ -10,9 +11,17 @@ from sam_jax.train import trainer
 
 # 400 steps of 3 prompt rounds: minutes on 2 cores, hence slow.
 @pytest.mark.slow
-def test_quick_demo_learns(tmp_path):
+def test_quick_demo_learns(tmp_path, caplog):
   config = demo.get_config("quick")
-  summary = trainer.train_and_evaluate(config, str(tmp_path))
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level("WARNING"):
+      summary = trainer.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  # The step compiled once, on a second thread, while the untrained model was evaluated.
+  compiles = [r for r in caplog.records if "Compiling jit(_train_step)" in r.getMessage()]
+  assert len(compiles) == 1 and compiles[0].threadName != "MainThread", compiles
   untrained, trained = summary["untrained"], summary["trained"]
   assert summary["untrained"]["num_masks"] >= 60
   assert trained["miou_1point_default"] > untrained["miou_1point_default"] + 0.15, (untrained,

@@ -205,25 +205,6 @@ def valid_seconds(x: Optional[float]) -> Optional[float]:
   return x if x is not None and x > 0 else None
 
 
-def train_batch(trainer, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it:
-  with the image embeddings in place of the images where the config caches them."""
-  from sam_jax.build import image_size_hw  # noqa: PLC0415
-  from sam_jax.train import recipe  # noqa: PLC0415
-  h, w = image_size_hw(trainer.mcfg.image_size)
-  mh, mw = recipe.target_size(trainer.model, trainer.config)
-  m = trainer.config.data.max_masks
-  images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
-  embeddings = bool(trainer.config.get("cache_embeddings", False))
-  if embeddings:
-    model = trainer.model
-    images = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
-                            trainer.abstract_state["params"], images)
-  return {"embeddings" if embeddings else "images": images,
-          "masks": jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
-          "valid": jax.ShapeDtypeStruct((global_batch, m), jnp.bool_)}
-
-
 def _scaled(c: Compiled, factor: float) -> Compiled:
   """`c` with its FLOPs, HBM bytes and estimated time times `factor` (memory as compiled)."""
   if factor == 1:
@@ -283,7 +264,7 @@ def compile_train_step(trainer, global_batch: int) -> Compiled:
   """The training step of `trainer` (on a TPU mesh) compiled at `global_batch`."""
   from sam_jax.modeling.image_encoder import compiling_for  # noqa: PLC0415
   from sam_jax.train import sharding as shard_lib  # noqa: PLC0415
-  batch = train_batch(trainer, global_batch)
+  batch = trainer.abstract_batch(global_batch)
   t0 = time.time()
   with compiling_for("tpu"):
     compiled = trainer.compile_step(batch)
@@ -422,7 +403,7 @@ def report(config, topology: str, num_slices: int = 1, do_batch_search: bool = F
                                 parts=unrolled.parts,
                                 compile_seconds=train.compile_seconds + unrolled.compile_seconds)
   model_flops = flops_lib.train_step_flops(trainer.mcfg, config, trainer.abstract_params,
-                                           train_batch(trainer, config.batch_size))
+                                           trainer.abstract_batch(config.batch_size))
   peak = flops_lib.peak_flops(kind, trainer.mcfg.dtype, config.get("peak_flops"))
   est = train.cost["optimal_seconds"]
   mfu = (model_flops / n / est / peak) if (est and peak) else None

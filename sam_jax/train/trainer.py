@@ -7,6 +7,7 @@ workdir's latest checkpoint, else `config.model_init` (a sam_jax checkpoint
 directory, e.g. a converted release), else from scratch.
 """
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -113,6 +114,23 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract, self.state_shardings)
     self._step_fns = {}  # by the batch's keys: images, or cached embeddings
+
+  def abstract_batch(self, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
+    """The ShapeDtypeStructs of a global training batch as `data.train_batches` yields it
+    (after `_step_inputs`): with the image embeddings in place of the images where the
+    config caches them."""
+    h, w = image_size_hw(self.mcfg.image_size)
+    mh, mw = recipe.target_size(self.model, self.config)
+    m = self.config.data.max_masks
+    images = jax.ShapeDtypeStruct((global_batch, h, w, 3), jnp.float32)
+    embeddings = bool(self.config.get("cache_embeddings", False))
+    if embeddings:
+      model = self.model
+      images = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=model.embed_images),
+                              self.abstract_state["params"], images)
+    return {"embeddings" if embeddings else "images": images,
+            "masks": jax.ShapeDtypeStruct((global_batch, m, mh, mw), jnp.uint8),
+            "valid": jax.ShapeDtypeStruct((global_batch, m), jnp.bool_)}
 
   def _state_from_params(self, params) -> State:
     return dict(params=params, opt_state=self.tx.init(params),
@@ -298,7 +316,12 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr,
                                                            restart_data_order)
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
-    summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config, workdir)
+    # The step compiles on a second thread meanwhile: XLA compiles on one core.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      compiled = pool.submit(trainer.compile_step, trainer.abstract_batch(config.batch_size))
+      summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
+                                                      workdir)
+      compiled.result()  # its errors are the run's; the first step finds it compiled
   with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
     if config.get("cache_embeddings"):
       train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
