@@ -14,6 +14,8 @@ import pytest
 
 from sam_jax.modeling import image_encoder as ie
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 @pytest.mark.parametrize("use_rel_pos", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_folded_bias_equals_added_bias(use_rel_pos):
@@ -34,11 +36,11 @@ def test_folded_bias_equals_added_bias(use_rel_pos):
     out = ie._attend(*map(first, (q, k, v, *rel)), (kh, kw))
     return einops.rearrange(out, "(b n) l d -> b l n d", b=b)
 
-  got, want = attend(q, k, v, tables, True), attend(q, k, v, tables, False)
+  got, want = (jax.jit(attend, static_argnums=4)(q, k, v, tables, fold) for fold in (True, False))
   assert got.shape == want.shape == (b, n, heads, d)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()))
   loss = lambda fold: lambda *a: (attend(*a, fold) ** 2).sum()  # noqa: E731
-  grads = [jax.grad(loss(fold), (0, 1, 2, 3))(q, k, v, tables) for fold in (True, False)]
+  grads = [jax.jit(jax.grad(loss(fold), (0, 1, 2, 3)))(q, k, v, tables) for fold in (True, False)]
   for g, w in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(jnp.abs(w).max()))
 
@@ -73,11 +75,11 @@ def test_attention_equals_the_materialised_formula(grid, use_rel_pos, query_chun
   params = jax.tree_util.tree_map(
       lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params)
   slow = lambda p: _materialised_attention(p, x, 4, use_rel_pos)  # noqa: E731
-  got, want = fast.apply(params, x), slow(params)
+  got, want = jax.jit(fast.apply)(params, x), jax.jit(slow)(params)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
   loss = lambda f: lambda p: (f(p) ** 2).sum()  # noqa: E731
-  for g, w in zip(jax.tree.leaves(jax.grad(loss(lambda p: fast.apply(p, x)))(params)),
-                  jax.tree.leaves(jax.grad(loss(slow))(params))):
+  grad = lambda f: jax.jit(jax.grad(loss(f)))(params)  # noqa: E731  one program, not op by op
+  for g, w in zip(jax.tree.leaves(grad(lambda p: fast.apply(p, x))), jax.tree.leaves(grad(slow))):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
 
 
