@@ -318,10 +318,10 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
     # The step compiles on a second thread meanwhile: XLA compiles on one core.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      compiled = pool.submit(trainer.compile_step, trainer.abstract_batch(config.batch_size))
+      compiling = pool.submit(trainer.compile_step, trainer.abstract_batch(config.batch_size))
       summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
                                                       workdir)
-      compiled.result()  # its errors are the run's; the first step finds it compiled
+      compiling.result()  # its errors are the run's; the first step finds it compiled
   with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
     if config.get("cache_embeddings"):
       train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
