@@ -505,7 +505,7 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
       health.update(batch, step)
       inputs = _step_inputs(batch)
       if step_flops is None:
-        step_flops = _count_step_flops(trainer, inputs, peak)
+        step_flops = _count_step_flops(trainer, peak)
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
@@ -723,14 +723,11 @@ def results_table(untrained: Dict[str, Any], trained: Dict[str, Any], num_points
   return "\n".join(lines)
 
 
-def _count_step_flops(trainer: Trainer, inputs, peak) -> float:
+def _count_step_flops(trainer: Trainer, peak) -> float:
   """Model FLOPs of one step on the global batch (see `flops`); 0 if they cannot be counted."""
-  n = jax.process_count()
-  global_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype)
-                  for k, v in inputs.items()}
   try:
     count = flops.train_step_flops(trainer.mcfg, trainer.config, trainer.abstract_params,
-                                   global_batch)
+                                   trainer.abstract_batch(trainer.config.batch_size))
   except Exception as e:  # noqa: BLE001 - a metric must never stop the run
     logging.warning("Could not count the model FLOPs of a step (no MFU): %s", e)
     return 0.0
