@@ -310,60 +310,60 @@ def bench_engine(ref, model, params, variant, args) -> List[Dict[str, Any]]:
   from skimage import data as photos
 
   from sam_jax import data_engine
-  root = tempfile.mkdtemp(prefix="engine_bench_")
-  folder = os.path.join(root, "photos")
-  os.makedirs(folder)
-  names = ENGINE_PHOTOS[1:2] if args.quick else ENGINE_PHOTOS
-  for name in names:
-    Image.fromarray(getattr(photos, name)()).save(os.path.join(folder, f"{name}.jpg"), quality=95)
-  flags = ["--points-per-side", str(args.points_per_side), "--points-per-batch",
-           str(args.points_per_batch), "--crop-n-layers", str(args.crop_n_layers),
-           # Randomised weights pass the paper's confidence and stability cuts rarely: keep
-           # every mask the NMS keeps, so that both sides encode and post-process masks.
-           "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
-  engine_args = data_engine.parse_args(["annotate", "--checkpoint", "(in memory)", "--input",
-                                        folder, "--output", "", "--quiet", *flags])
-  settings = {n: getattr(engine_args, n) for n in data_engine.generator_flag_names()
-              if n != "crops_per_encode"}
-  theirs = RefGenerator(ref, output_mode="coco_rle", **settings)
-  files = sorted(os.listdir(folder))
-  counts, runs = {}, [0]
+  with tempfile.TemporaryDirectory(prefix="engine_bench_") as root:  # photos and outputs
+    folder = os.path.join(root, "photos")
+    os.makedirs(folder)
+    names = ENGINE_PHOTOS[1:2] if args.quick else ENGINE_PHOTOS
+    for name in names:
+      Image.fromarray(getattr(photos, name)()).save(os.path.join(folder, f"{name}.jpg"), quality=95)
+    flags = ["--points-per-side", str(args.points_per_side), "--points-per-batch",
+             str(args.points_per_batch), "--crop-n-layers", str(args.crop_n_layers),
+             # Randomised weights pass the paper's confidence and stability cuts rarely: keep
+             # every mask the NMS keeps, so that both sides encode and post-process masks.
+             "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    engine_args = data_engine.parse_args(["annotate", "--checkpoint", "(in memory)", "--input",
+                                          folder, "--output", "", "--quiet", *flags])
+    settings = {n: getattr(engine_args, n) for n in data_engine.generator_flag_names()
+                if n != "crops_per_encode"}
+    theirs = RefGenerator(ref, output_mode="coco_rle", **settings)
+    files = sorted(os.listdir(folder))
+    counts, runs = {}, [0]
 
-  def ours():
-    runs[0] += 1
-    engine_args.output = os.path.join(root, f"out_{runs[0]}")
-    assert data_engine.annotate(engine_args, (model, params)) == 0
-    with open(os.path.join(engine_args.output, data_engine.STATS_FILE)) as f:
-      counts["sam_jax"] = json.load(f)["total"]["masks"]
+    def ours():
+      runs[0] += 1
+      engine_args.output = os.path.join(root, f"out_{runs[0]}")
+      assert data_engine.annotate(engine_args, (model, params)) == 0
+      with open(os.path.join(engine_args.output, data_engine.STATS_FILE)) as f:
+        counts["sam_jax"] = json.load(f)["total"]["masks"]
 
-  def reference():
-    import torch
-    runs[0] += 1
-    out = os.path.join(root, f"ref_{runs[0]}")
-    os.makedirs(out)
-    masks = 0
-    for f in files:
-      with Image.open(os.path.join(folder, f)) as im:
-        image = np.asarray(im.convert("RGB"))
-      with torch.no_grad():
-        records = theirs.generate(image)
-      # The engine's last filter (the paper's), which the generator does not have.
-      cut = engine_args.max_mask_fraction * image.shape[0] * image.shape[1]
-      records = [r for r in records if r["area"] < cut]
-      masks += len(records)
-      with open(os.path.join(out, os.path.splitext(f)[0] + ".json"), "w") as fh:
-        json.dump(dict(annotations=records), fh)
-    counts["reference"] = masks
+    def reference():
+      import torch
+      runs[0] += 1
+      out = os.path.join(root, f"ref_{runs[0]}")
+      os.makedirs(out)
+      masks = 0
+      for f in files:
+        with Image.open(os.path.join(folder, f)) as im:
+          image = np.asarray(im.convert("RGB"))
+        with torch.no_grad():
+          records = theirs.generate(image)
+        # The engine's last filter (the paper's), which the generator does not have.
+        cut = engine_args.max_mask_fraction * image.shape[0] * image.shape[1]
+        records = [r for r in records if r["area"] < cut]
+        masks += len(records)
+        with open(os.path.join(out, os.path.splitext(f)[0] + ".json"), "w") as fh:
+          json.dump(dict(annotations=records), fh)
+      counts["reference"] = masks
 
-  res = timing.interleaved({"sam_jax": ours, "reference": reference}, args.repeats_amg)
-  for name in res:
-    res[name]["masks"] = counts[name]
-    res[name]["masks_per_s"] = counts[name] / res[name]["median_s"]
-  sizes = [list(getattr(photos, n)().shape[:2]) for n in names]
-  return [_row("engine", "images/s", res["sam_jax"], res["reference"], per_call=len(files),
-               variant=variant, images=len(files), image_hws=sizes, **settings,
-               note="the data engine's defaults (the paper's) but for the settings named; "
-                    "randomised weights")]
+    res = timing.interleaved({"sam_jax": ours, "reference": reference}, args.repeats_amg)
+    for name in res:
+      res[name]["masks"] = counts[name]
+      res[name]["masks_per_s"] = counts[name] / res[name]["median_s"]
+    sizes = [list(getattr(photos, n)().shape[:2]) for n in names]
+    return [_row("engine", "images/s", res["sam_jax"], res["reference"], per_call=len(files),
+                 variant=variant, images=len(files), image_hws=sizes, **settings,
+                 note="the data engine's defaults (the paper's) but for the settings named; "
+                      "randomised weights")]
 
 
 def synthetic_batch(batch: int, image_size, low_res, max_masks: int, seed: int = 0):
