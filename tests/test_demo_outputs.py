@@ -1,6 +1,7 @@
 """What the demo shows a new user: quiet data preparation, the results table, the init rule."""
 
 import logging
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,17 @@ def test_preparing_a_local_folder_prints_no_tfds_download_messages(tmp_path, cap
     assert noise not in out + err, (out, err)
   assert not [r for r in caplog.records if r.name == "absl"], caplog.records
   assert logging.getLogger("absl").level == absl_level  # restored for everything else
+
+
+def test_preparing_a_folder_leaves_no_temporary_directories(tmp_path, monkeypatch):
+  folder, scratch = tmp_path / "train", tmp_path / "scratch"
+  demo_data.write_dataset(str(folder), 2, size=64, max_shapes=2, seed=0)
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  builder = sa1b_folder.prepare_folder(str(folder), str(tmp_path / "tfds"))
+  assert len(builder.as_data_source("train")) == 2
+  assert sa1b_folder.prepare_folder(str(folder), str(tmp_path / "tfds")).is_prepared()
+  assert not list(scratch.iterdir())
 
 
 def test_a_corrupt_example_is_still_reported_while_tfds_is_quiet(tmp_path, caplog):

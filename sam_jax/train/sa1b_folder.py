@@ -147,11 +147,15 @@ class Sa1bFolder(sa_tfds.Builder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = sa_tfds.Builder._info(self).features  # pylint: disable=protected-access
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         description=("A local folder in SA-1B's layout: "
                      f"{getattr(self.builder_config, 'description', '')}"),
         features=features, disable_shuffling=True,
         metadata=tfds.core.MetadataDict(skipped={}))
+    # A local folder has nothing on TFDS's bucket, and TFDS's lookup of a folder not
+    # yet prepared leaves an empty temporary directory behind each time.
+    info.initialize_from_bucket = lambda: None
+    return info
 
   # TFDS prints "Downloading and preparing dataset ..." for every build; a local
   # folder downloads nothing, so its messages go to the log instead.
