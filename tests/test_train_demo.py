@@ -11,7 +11,7 @@ from sam_jax.train import trainer
 
 # 400 steps of 3 prompt rounds: minutes on 2 cores, hence slow.
 @pytest.mark.slow
-def test_quick_demo_learns(tmp_path, caplog):
+def test_quick_demo_learns(tmp_path, caplog, capsys):
   config = demo.get_config("quick")
   jax.config.update("jax_log_compiles", True)
   try:
@@ -22,6 +22,9 @@ def test_quick_demo_learns(tmp_path, caplog):
   # The step compiled once, on a second thread, while the untrained model was evaluated.
   compiles = [r for r in caplog.records if "Compiling jit(_train_step)" in r.getMessage()]
   assert len(compiles) == 1 and compiles[0].threadName != "MainThread", compiles
+  out = capsys.readouterr().out  # the FLOPs, counted once before the first step
+  assert out.count("Model FLOPs per step") == 1
+  assert out.index("Model FLOPs per step") < out.index(f"step {config.log_every}/")
   untrained, trained = summary["untrained"], summary["trained"]
   assert summary["untrained"]["num_masks"] >= 60
   assert trained["miou_1point_default"] > untrained["miou_1point_default"] + 0.15, (untrained,

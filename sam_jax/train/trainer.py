@@ -315,19 +315,21 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   summary = _read_summary(workdir)
   state, start, data_step, resumed = restore_or_init_state(config, trainer, mgr,
                                                            restart_data_order)
+  step_flops = None
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
     # The step compiles on a second thread meanwhile: XLA compiles on one core.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       compiling = pool.submit(trainer.compile_step, trainer.abstract_batch(config.batch_size))
       summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
                                                       workdir)
+      step_flops = count_step_flops(trainer)  # while the compile may still run
       compiling.result()  # its errors are the run's; the first step finds it compiled
   with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
     if config.get("cache_embeddings"):
       train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
     total = stop_at if stop_at is not None else config.total_steps
     state, step, losses, preempted = train_loop(config, trainer, state, train_src, mgr, workdir,
-                                                start, data_step, total, notice)
+                                                start, data_step, total, notice, step_flops)
   summary["losses"] = {**summary.get("losses", {}), **{str(k): v for k, v in losses.items()}}
   if step >= config.total_steps and not preempted:
     summary.update(evaluate_and_export(config, trainer, state, eval_examples, workdir,
@@ -476,8 +478,11 @@ def with_embedding_cache(config, trainer: Trainer, state: State, train_src, work
 
 def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: str,
                start: int, data_step: int, total: int,
-               notice: Optional[preemption.Notice] = None):
+               notice: Optional[preemption.Notice] = None,
+               step_flops: Optional[float] = None):
   """Steps `start + 1 .. total`, logging and checkpointing on the way.
+
+  `step_flops`: the model FLOPs of a step, if counted already (`count_step_flops`).
 
   Returns the last state, the last step, the host losses by step, and whether
   `notice` stopped the run early (that step's checkpoint then written).
@@ -495,7 +500,9 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
   step, preempted = start, False
   peak = flops.peak_flops(jax.devices()[0].device_kind, trainer.mcfg.dtype,
                           config.get("peak_flops"))
-  step_flops = None
+  if step_flops is None:
+    step_flops = count_step_flops(trainer)
+  _print_step_flops(step_flops, trainer, peak)
   bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   log.bar = bar
@@ -504,8 +511,6 @@ def train_loop(config, trainer: Trainer, state: State, train_src, mgr, workdir: 
       batch = next(batches)
       health.update(batch, step)
       inputs = _step_inputs(batch)
-      if step_flops is None:
-        step_flops = _count_step_flops(trainer, peak)
       state, metrics = trainer.train_step(state, inputs)
       pending.append((step, metrics))
       images_seen += config.batch_size
@@ -723,20 +728,24 @@ def results_table(untrained: Dict[str, Any], trained: Dict[str, Any], num_points
   return "\n".join(lines)
 
 
-def _count_step_flops(trainer: Trainer, peak) -> float:
+def count_step_flops(trainer: Trainer) -> float:
   """Model FLOPs of one step on the global batch (see `flops`); 0 if they cannot be counted."""
   try:
-    count = flops.train_step_flops(trainer.mcfg, trainer.config, trainer.abstract_params,
-                                   trainer.abstract_batch(trainer.config.batch_size))
+    return flops.train_step_flops(trainer.mcfg, trainer.config, trainer.abstract_params,
+                                  trainer.abstract_batch(trainer.config.batch_size))
   except Exception as e:  # noqa: BLE001 - a metric must never stop the run
     logging.warning("Could not count the model FLOPs of a step (no MFU): %s", e)
     return 0.0
+
+
+def _print_step_flops(count: float, trainer: Trainer, peak) -> None:
+  if not count or jax.process_index() != 0:
+    return
   kind = jax.devices()[0].device_kind
-  tqdm.tqdm.write(f"Model FLOPs per step: {count / 1e12:.4g} TFLOP; " + (  # above the bar
+  print(f"Model FLOPs per step: {count / 1e12:.4g} TFLOP; " + (
       f"peak {peak / 1e12:g} TFLOP/s per device ({kind}, {trainer.mcfg.dtype})" if peak else
       f"no peak FLOP/s known for {kind!r} in {trainer.mcfg.dtype}, so no MFU "
-      "(set config.peak_flops)"))
-  return count
+      "(set config.peak_flops)"), flush=True)
 
 
 class _Divergence:
