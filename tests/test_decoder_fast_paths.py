@@ -205,7 +205,8 @@ def test_decoder_in_bfloat16_keeps_its_per_prompt_tensors_in_bfloat16():
 
   def run(model, p):
     return model.apply({"params": p}, emb, coords, labels, None, masks, method=model.decode)
-  (want, want_iou), (got, got_iou) = run(f32, params), run(bf16, params)
+  (want, want_iou), (got, got_iou) = (jax.jit(run, static_argnums=0)(m, params)
+                                      for m in (f32, bf16))
   assert got.dtype == got_iou.dtype == jnp.float32
   for g, w in ((got, want), (got_iou, want_iou)):
     assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 0.03
@@ -217,5 +218,5 @@ def test_decoder_in_bfloat16_keeps_its_per_prompt_tensors_in_bfloat16():
   big = max(a.size for a in per_prompt)
   assert {str(a.dtype) for a in per_prompt if a.size == big} == {"bfloat16"}
   # The parameters' gradients still reach every leaf, in float32.
-  grads = jax.grad(lambda p: run(bf16, p)[0].mean())(params)
+  grads = jax.jit(jax.grad(lambda p: run(bf16, p)[0].mean()))(params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
