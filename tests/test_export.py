@@ -39,13 +39,15 @@ def tiny(tmp_path_factory):
   return ref, directory, model, params, tmp
 
 
-def decoder_inputs(ref, n, seed):
-  """Meta's ONNX decoder inputs for n points (labels -1 to 3), a mask input on odd n."""
+def decoder_inputs(ref, n, seed, emb=None):
+  """Meta's ONNX decoder inputs for n points (labels -1 to 3), a mask input on odd n;
+  `emb` (1, C, h, w), else the reference's embedding of a random image."""
   rng = np.random.RandomState(seed)
   s = ref.image_encoder.img_size
-  with torch.no_grad():
-    image = torch.from_numpy(rng.uniform(0, 255, (1, 3, s, s)).astype(np.float32))
-    emb = ref.image_encoder(ref.preprocess(image)).numpy()
+  image = rng.uniform(0, 255, (1, 3, s, s)).astype(np.float32)
+  if emb is None:
+    with torch.no_grad():
+      emb = ref.image_encoder(ref.preprocess(torch.from_numpy(image))).numpy()
   return dict(image_embeddings=emb,
               point_coords=rng.uniform(0, s, (1, n, 2)).astype(np.float32),
               point_labels=rng.randint(-1, 4, (1, n)).astype(np.float32),
@@ -85,6 +87,7 @@ def check_decoder(ref, model, params, inputs, got_iou, got_low, got_masks, tag, 
 
 
 def check_encoder(ref, model, params, run_encoder, batch, tag, rel=EMB_REL):
+  """`run_encoder` against the reference and sam_jax; returns the reference's embeddings."""
   s = model.image_size[0]
   images = np.random.RandomState(batch).uniform(0, 255, (batch, s, s, 3)).astype(np.float32)
   got = np.asarray(run_encoder(images))
@@ -95,6 +98,7 @@ def check_encoder(ref, model, params, run_encoder, batch, tag, rel=EMB_REL):
       params, images)
   assert_close_rel(got, np.asarray(ours).transpose(0, 3, 1, 2), rel,
                    f"export embeddings vs sam_jax ({tag})")
+  return want.numpy()
 
 
 # ---------------------------------------------------------------------------- StableHLO
@@ -293,9 +297,9 @@ def test_onnx_encoder_full_size_vit_b(tmp_path):
   options = ort.SessionOptions()
   options.log_severity_level = 3
   session = ort.InferenceSession(str(out / "encoder.onnx"), options)
-  check_encoder(ref, model, params, lambda x: session.run(None, {"images": x})[0], 1,
-                "ONNX ViT-B")
+  emb = check_encoder(ref, model, params, lambda x: session.run(None, {"images": x})[0], 1,
+                      "ONNX ViT-B")
   decoder = ort.InferenceSession(str(out / "decoder.onnx"), options)
-  inputs = decoder_inputs(ref, 3, seed=1)
+  inputs = decoder_inputs(ref, 3, seed=1, emb=emb)  # the reference's ViT-B ran once
   masks, iou, low = decoder.run(None, inputs)
   check_decoder(ref, model, params, inputs, iou, low, masks, "ONNX ViT-B, 3 points", ours=False)
