@@ -26,11 +26,10 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "quick.json"
   scratch = tmp_path_factory.mktemp("scratch")
-  saved, tempfile.tempdir = tempfile.tempdir, str(scratch)
-  try:  # A photo size other than the astronaut's own 512 x 512: the resize too.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(tempfile, "tempdir", str(scratch))
+    # A photo size other than the astronaut's own 512 x 512: the resize too.
     assert run.main(["--quick", "--photos", "240x320,512x512", "--out", str(out)]) == 0
-  finally:
-    tempfile.tempdir = saved
   # The engine benchmark's photos and outputs are removed with their folder.
   assert not [p for p in os.listdir(scratch) if p.startswith("engine_bench_")]
   with open(out) as f:

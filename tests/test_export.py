@@ -44,7 +44,7 @@ def decoder_inputs(ref, n, seed, emb=None):
   `emb` (1, C, h, w), else the reference's embedding of a random image."""
   rng = np.random.RandomState(seed)
   s = ref.image_encoder.img_size
-  image = rng.uniform(0, 255, (1, 3, s, s)).astype(np.float32)
+  image = rng.uniform(0, 255, (1, 3, s, s)).astype(np.float32)  # drawn either way: same points
   if emb is None:
     with torch.no_grad():
       emb = ref.image_encoder(ref.preprocess(torch.from_numpy(image))).numpy()
