@@ -9,10 +9,13 @@ from configs import demo
 from sam_jax.train import trainer
 
 
-# 400 steps of 3 prompt rounds: minutes on 2 cores, hence slow.
+# 250 steps of 3 prompt rounds: minutes on 2 cores, hence slow.
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path, caplog, capsys):
   config = demo.get_config("quick")
+  # The mIoUs are past the margins below by step 250, well before the config's 400
+  # (docs/testing.md); the suite's time is spent where it tells more.
+  config.total_steps = 250
   jax.config.update("jax_log_compiles", True)
   try:
     with caplog.at_level("WARNING"):
