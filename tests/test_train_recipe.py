@@ -262,3 +262,71 @@ def test_a_click_on_a_finer_grid_is_drawn_from_the_upsampled_error_region():
     x, y = np.asarray(c[0, 0, 2]).astype(int)
     assert pred[0, 0, y, x] != gt[0, 0, y, x], (seed, x, y)
     assert int(lab[0, 0, 2]) == (FOREGROUND if gt[0, 0, y, x] else BACKGROUND)
+
+
+def _tiny_model_and_embeddings():
+  from sam_jax.build import build_sam
+  from sam_jax.checkpoint import abstract_params
+  from tests.conftest import random_params, tiny_train_config
+  config = tiny_train_config()
+  config.model.mask_decoder.transformer_depth = 1
+  model = build_sam(config.model)
+  # Non-zero everywhere (a fresh init zeroes biases), drawn without compiling the init.
+  params = random_params(abstract_params(model))
+  return config, model, params, jax.random.normal(jax.random.key(1), (2, 4, 4, 32))
+
+
+@pytest.mark.usefixtures("fast_compiles")
+def test_a_box_as_corner_points_decodes_as_the_box():
+  """Training gives a box as two corner points among padded slots, with `pad` False:
+  the masks of the box given as a box (which gets no not-a-point token), unlike
+  the default `pad`, which adds the token as for points alone."""
+  from sam_jax.modeling.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
+  from sam_jax.modeling.sam import Sam
+  _, model, params, emb = _tiny_model_and_embeddings()
+  boxes = jnp.array([[[4.0, 6.0, 30.0, 40.0]], [[20.0, 2.0, 60.0, 33.0]]])  # (B, P, 4)
+  coords = jnp.concatenate([boxes.reshape(2, 1, 2, 2), jnp.zeros((2, 1, 3, 2))], 2)
+  labels = jnp.broadcast_to(jnp.array([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING, PADDING, PADDING]),
+                            (2, 1, 5))
+  point, fg = coords[:, :, :1], jnp.full((2, 1, 1), FOREGROUND)
+
+  @jax.jit  # one program: each decode compiled apart takes seconds
+  def decodes():
+    d = lambda *a, **k: model.apply({"params": params}, emb, *a, **k, method=Sam.decode)  # noqa: E731
+    return (d(boxes=boxes, multimask_output="all"),
+            d(coords, labels, pad=jnp.zeros((2, 1), bool), multimask_output="all"),
+            d(coords, labels, multimask_output="all"),
+            d(point, fg, pad=jnp.ones((2, 1), bool)), d(point, fg))
+
+  as_box, as_corners, with_token, point_padded, point_alone = decodes()
+  for a, b in zip(as_corners, as_box):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert np.abs(with_token[0] - as_box[0]).max() > 1e-3
+  # A point alone gets the token either way.
+  np.testing.assert_allclose(point_padded[0], point_alone[0], atol=1e-5)
+
+
+@pytest.mark.usefixtures("fast_compiles")
+def test_the_recipe_pads_point_prompts_only(monkeypatch):
+  """Every decode of the recipe, in every round: the not-a-point token for the masks
+  that started from a point, none for those that started from a box."""
+  from sam_jax.modeling.prompt_encoder import BOX_TOP_LEFT
+  from sam_jax.modeling.sam import Sam
+  from tests.conftest import fake_batch
+  config, model, params, emb = _tiny_model_and_embeddings()
+  batch = {k: jnp.asarray(v) for k, v in fake_batch(config, 4).items() if k != "images"}
+  batch["embeddings"] = jnp.concatenate([emb, emb])
+  seen, decode = [], Sam.decode
+
+  def spy(self, *args, pad=None, **kwargs):
+    labels = args[2]
+    jax.debug.callback(lambda lab, p: seen.append((np.asarray(lab), np.asarray(p))), labels, pad)
+    return decode(self, *args, pad=pad, **kwargs)
+
+  monkeypatch.setattr(Sam, "decode", spy)
+  jax.jit(lambda p: recipe.simulate(p, model, batch, jax.random.key(2), config))(params)
+  assert len(seen) == config.prompts.num_rounds
+  for labels, pad in seen:
+    is_box = labels[..., 0] == BOX_TOP_LEFT
+    assert is_box.any() and (~is_box).any()
+    np.testing.assert_array_equal(pad, ~is_box)

@@ -102,6 +102,7 @@ class PromptEncoder(nn.Module):
       points: Optional[Tuple[jax.Array, jax.Array]] = None,
       boxes: Optional[jax.Array] = None,
       masks: Optional[jax.Array] = None,
+      pad: Optional[jax.Array] = None,
   ) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Embeds a batch of B prompts, as the reference's `PromptEncoder.forward`.
 
@@ -109,6 +110,11 @@ class PromptEncoder(nn.Module):
       points: (coords (B, N, 2), labels (B, N)) or None.
       boxes: (B, 4) as (x0, y0, x1, y1) or None.
       masks: (B, 4h, 4w) mask logits or None.
+      pad: where points come without boxes, the reference appends a not-a-point
+        token; None does so for every prompt, a bool (B,) only where True (the
+        token is PADDING elsewhere). Training passes box corners as points
+        (labels 2 and 3), so that a batch mixes both: its box prompts must not
+        get the token, as they do not when given as boxes.
 
     Returns:
       sparse embeddings (B, T, C), their validity (B, T) (False for padding),
@@ -121,7 +127,8 @@ class PromptEncoder(nn.Module):
       if boxes is None:  # the reference appends one not-a-point in this case
         bs = coords[0].shape[0]
         coords.append(jnp.zeros((bs, 1, 2), jnp.float32))
-        labels.append(jnp.full((bs, 1), NOT_A_POINT, jnp.int32))
+        label = NOT_A_POINT if pad is None else jnp.where(pad, NOT_A_POINT, PADDING)[:, None]
+        labels.append(jnp.broadcast_to(label, (bs, 1)).astype(jnp.int32))
     if boxes is not None:
       boxes = jnp.asarray(boxes, jnp.float32)
       coords.append(boxes.reshape(-1, 2, 2))

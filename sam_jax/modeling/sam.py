@@ -69,11 +69,14 @@ class Sam(nn.Module):
       mask_inputs: Optional[jax.Array] = None,
       multimask_output: bool = True,
       cache: Optional[ImageCache] = None,
+      pad: Optional[jax.Array] = None,
   ) -> Tuple[jax.Array, jax.Array]:
     """Masks for P prompts on each of B embedded images.
 
     `cache` is `cache_image(image_embeddings)`, kept by the caller; prompts
-    with mask inputs use only its positional encoding.
+    with mask inputs use only its positional encoding. `pad` (B, P): which
+    prompts of points without boxes get the reference's not-a-point token
+    (None: all); see `PromptEncoder.__call__`.
 
     Returns low-resolution mask logits (B, P, M, 4h, 4w) and IoU predictions
     (B, P, M), with M = 3 for multimask output and 1 otherwise.
@@ -84,7 +87,8 @@ class Sam(nn.Module):
     b, p = prompts[0].shape[:2]
     flat = lambda x: None if x is None else x.reshape(b * p, *x.shape[2:])  # noqa: E731
     points = None if point_coords is None else (flat(point_coords), flat(point_labels))
-    sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs))
+    sparse, sparse_mask, dense = self.prompt_encoder(points, flat(boxes), flat(mask_inputs),
+                                                     flat(pad))
     unflat = lambda x: x.reshape(b, p, *x.shape[1:])  # noqa: E731
     sparse, sparse_mask = unflat(sparse), unflat(sparse_mask)
     if cache is not None and mask_inputs is None:

@@ -193,19 +193,20 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
   stride = image_size[1] / gt.shape[-1]  # input pixels per cell of the masks' grid
   k_embed, k_first, k_plan, k_rounds = jax.random.split(key, 4)
   emb = embed(model, params, batch, k_embed, train)
+  num_slots = config.prompts.num_rounds + 1  # two for the first prompt, one per click
+  coords, labels, is_box = first_prompt(k_first, gt, config.prompts, stride, image_size,
+                                        num_slots)
 
   def decode(coords, labels, mask_inputs, multimask):
+    # As at inference, where a box is given as a box: no not-a-point token with it.
     return model.apply({"params": params}, emb, coords, labels, None, mask_inputs, multimask,
-                       method=Sam.decode)
+                       pad=~is_box, method=Sam.decode)
 
   @jax.named_scope("losses")  # named scopes let the compile report attribute the ops
   def score(logits, iou_pred):
     return losses.mask_losses(upsample(logits, gt.shape[-2:]), gt, iou_pred, weights,
                               loss_params)
 
-  num_slots = config.prompts.num_rounds + 1  # two for the first prompt, one per click
-  coords, labels, is_box = first_prompt(k_first, gt, config.prompts, stride, image_size,
-                                        num_slots)
   first, prev = first_round(decode, score, coords, labels, is_box)
   later = click_rounds(decode, score, coords, labels, prev, gt, stride,
                        k_plan, k_rounds, config)
