@@ -21,22 +21,6 @@ import pytest  # noqa: E402
 PARITY = collections.defaultdict(float)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The modules of a minute or more in the full suite, longest first (docs/testing.md).
-# Under `--dist loadscope --no-loadscope-reorder` xdist hands out modules in
-# collection order: these go first, so that the two workers end together rather
-# than one running a long module alone at the end.
-LONGEST_MODULES = (
-    "test_train_restarts.py", "test_full_size_vs_reference.py", "test_compile_report.py",
-    "test_export.py", "test_train_demo.py", "test_benchmarks.py", "test_train_reliability.py",
-    "test_preemption.py", "test_data_engine.py", "test_train_embedding_cache.py",
-    "test_decoder_fast_paths.py", "test_hf.py", "test_train_loop.py", "test_evaluate.py",
-    "test_train_recipe.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
-
 
 @pytest.fixture(autouse=True)
 def memory_lock(request):
