@@ -131,7 +131,7 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
   assert 1.9 * per_chip <= cr.per_chip_bytes(trainer.abstract_state["opt_state"]) <= 2 * per_chip
 
 
-@pytest.mark.slow  # the step compiled twice (rolled; unrolled, for the costs): 1-2 minutes
+@pytest.mark.slow  # the step compiled twice (rolled; unrolled, for the costs): minutes
 def test_tiny_training_step_compiles_for_tpu_with_fsdp(tmp_path):
   c = tiny_config((1, 4, 1))
   c.prompts.num_rounds, c.unroll_rounds = 3, False  # a loop of 2 click rounds, as the recipes
