@@ -57,9 +57,18 @@ def init_params(model: Sam, rng: jax.Array) -> Params:
   return jax.jit(functools.partial(_init, model))(rng)
 
 
-def abstract_params(model: Sam) -> Params:
-  """The parameters' shapes and dtypes, without computing them."""
+@functools.lru_cache(maxsize=8)  # tracing ViT-H takes seconds; converting, saving and loading ask
+def _abstract_params(model: Sam) -> Params:
   return jax.eval_shape(functools.partial(_init, model), jax.random.key(0))
+
+
+def abstract_params(model: Sam) -> Params:
+  """The parameters' shapes and dtypes, without computing them (shared: do not modify)."""
+  try:
+    hash(model)
+  except TypeError:  # a field that is a list: not cached
+    return _abstract_params.__wrapped__(model)
+  return _abstract_params(model)
 
 
 def _shape_mismatches(params: Params, target: Params) -> Tuple[list, list, list]:
@@ -134,6 +143,12 @@ def is_checkpoint(directory: str) -> Optional[str]:
           "manifest.json)")
 
 
+# The save is synchronous and nothing touches the arrays meanwhile, so Orbax's defensive
+# copy of each host array (as much memory again as the model) is not needed.
+_SAVE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+
+
 def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,
              overwrite: bool = False, source: Optional[Dict[str, Any]] = None) -> None:
   """Writes a checkpoint directory atomically: a failed save leaves nothing behind.
@@ -152,9 +167,10 @@ def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,
     os.makedirs(tmp)
     alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                active_processes={jax.process_index()})
-    ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-    ckptr.wait_until_finished()
+    handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=alone,
+                                          type_handler_registry=_SAVE_HANDLERS)
+    ocp.Checkpointer(handler, multiprocessing_options=alone).save(
+        os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     manifest["files"] = _file_sizes(os.path.join(tmp, PARAMS_DIR))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config.to_dict(), f, indent=2)

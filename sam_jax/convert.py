@@ -78,7 +78,7 @@ def state_dict_to_params(state_dict: Dict[str, np.ndarray], abstract_params: Par
     if value.shape != tuple(target.shape):
       wrong_shape.append(f"{key}: checkpoint {tuple(np.asarray(state_dict[key]).shape)}, "
                          f"model expects {tuple(_to_torch(path[-1], np.empty(target.shape)).shape)}")
-    leaves.append(value.astype(target.dtype))
+    leaves.append(np.ascontiguousarray(value, dtype=target.dtype))  # one pass, in C order
   unexpected = sorted(set(state_dict) - used)
   if missing or unexpected or wrong_shape:
     lines = ["The checkpoint does not fit the model:"]
