@@ -8,6 +8,7 @@ at a data position and skip corrupt files.
 
 import json
 import os
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -191,9 +192,12 @@ def test_malformed_annotations_are_skipped_and_counted_never_decoded(tmp_path):
     data.check_annotation(ok["segmentation"]["counts"], [32, 128], ok["area"], None, 64, 64)
 
 
-def test_config_mistakes_are_clear_errors(tiny):
-  with pytest.raises(FileNotFoundError, match="--file_format=array_record"):
-    data.tfds_records("segment_anything", "train", str(tiny / "nothing_here"))
+def test_config_mistakes_are_clear_errors(tiny, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS's lookups leave dirs there
+  for data_dir in (tiny / "nothing_here", tiny / "folder"):  # missing; without the dataset
+    with pytest.raises(FileNotFoundError, match="not prepared under .*--file_format=array_record"):
+      data.tfds_records("segment_anything", "train", str(data_dir))
+  assert not os.listdir(tmp_path)
   both = _dcfg(tfds_name="segment_anything", train_dir=str(tiny / "folder"))
   with pytest.raises(ValueError, match="set only one"):
     data.open_examples(both, "train", str(tiny / "folder"), str(tiny), 32, 8, 3, MEAN)

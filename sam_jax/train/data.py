@@ -26,6 +26,7 @@ import functools
 import io
 import logging
 import os
+import re
 import queue
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -63,14 +64,20 @@ def tfds_records(name: str, split: str = "train", data_dir: Optional[str] = None
   """Random access to a prepared TFDS dataset: (source, {name: reason} skipped at preparation)."""
   import tensorflow_datasets as tfds
   from sam_jax.train import sa1b_folder
-  builder = tfds.builder(name, data_dir=data_dir or None)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"The TFDS dataset {name!r} is not prepared under {builder.data_dir}. For SA-1B, "
+  def not_prepared(where):
+    return FileNotFoundError(
+        f"The TFDS dataset {name!r} is not prepared under {where}. For SA-1B, "
         "prepare it once in the array_record format: `tfds build segment_anything "
         "--manual_dir=DIR_WITH_segment_anything_links.txt --file_format=array_record "
         "--data_dir=DATA_DIR` (see TFDS's segment_anything page), then set "
         "config.data.tfds_data_dir=DATA_DIR.")
+  # TFDS's builder for a dataset not prepared looks for it on its bucket and leaves an
+  # empty temporary directory behind: a folder without the dataset is answered here.
+  if data_dir and not os.path.isdir(os.path.join(data_dir, re.split(r"[/:]", name)[0])):
+    raise not_prepared(data_dir)
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not builder.is_prepared():
+    raise not_prepared(builder.data_dir)
   formats = [str(f.value) for f in builder.info.available_file_formats()]
   if "array_record" not in formats:
     raise ValueError(
