@@ -59,6 +59,12 @@ def test_bad_configs_are_clear_errors():
   config.image_size = 1000
   with pytest.raises(ValueError, match="multiple of patch_size 16"):
     build_sam(config)
+  from configs import demo
+  with pytest.raises(ValueError, match="'quick', 'long' or nothing, not 'lng'"):
+    demo.get_config("lng")
+  long, short = demo.get_config("long"), demo.get_config()
+  assert long.total_steps == 4 * short.total_steps and long.data.generate.num_train > 400
+  assert long.optim.decay_steps[0] / long.total_steps == short.optim.decay_steps[0] / short.total_steps
 
 
 @pytest.mark.slow
@@ -73,7 +79,8 @@ def test_new_checkpoint_cli(tmp_path):
   assert model.image_size == (128, 128) and model.image_encoder.depth == 2
 
 
-@pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "quick"), ("finetune", "/ckpt"),
+@pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "quick"), ("demo", "long"),
+                                      ("finetune", "/ckpt"),
                                       ("pretrain", "vit_b")])
 def test_training_configs_name_valid_parameter_groups_and_loss_terms(name, arg):
   """Their freeze patterns, lr/wd multipliers and loss terms resolve on the model's
