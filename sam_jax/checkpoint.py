@@ -58,17 +58,19 @@ def init_params(model: Sam, rng: jax.Array) -> Params:
 
 
 @functools.lru_cache(maxsize=8)  # tracing ViT-H takes seconds; converting, saving and loading ask
-def _abstract_params(model: Sam) -> Params:
+def _abstract_params(model: Sam, mesh) -> Params:
+  del mesh  # a key only: under a mesh, the shapes carry its shardings
   return jax.eval_shape(functools.partial(_init, model), jax.random.key(0))
 
 
 def abstract_params(model: Sam) -> Params:
   """The parameters' shapes and dtypes, without computing them (shared: do not modify)."""
+  mesh = jax.sharding.get_abstract_mesh()
   try:
-    hash(model)
+    hash((model, mesh))
   except TypeError:  # a field that is a list: not cached
-    return _abstract_params.__wrapped__(model)
-  return _abstract_params(model)
+    return _abstract_params.__wrapped__(model, mesh)
+  return _abstract_params(model, mesh)
 
 
 def _shape_mismatches(params: Params, target: Params) -> Tuple[list, list, list]:

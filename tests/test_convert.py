@@ -115,3 +115,21 @@ def test_load_sam_errors(tmp_path, converted):
     load_sam(pth)
   with pytest.raises(CheckpointError, match="not a sam_jax checkpoint directory"):
     load_sam(tmp_path)
+
+
+def test_abstract_params_are_cached_per_model_and_mesh():
+  """Converting, saving and loading share one trace; under a mesh the shapes carry its
+  shardings, so a cached answer from outside one is not given inside it, nor back."""
+  import jax
+  from configs import demo
+  from sam_jax import build_sam
+  from sam_jax.checkpoint import abstract_params
+  model = build_sam(demo.tiny_model())
+  outside = abstract_params(model)
+  assert abstract_params(build_sam(demo.tiny_model())) is outside  # an equal model
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    inside = abstract_params(model)
+  assert all(x.sharding is not None for x in jax.tree.leaves(inside))
+  assert all(x.sharding is None for x in jax.tree.leaves(abstract_params(model)))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), inside) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), outside)
