@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,10 +93,10 @@ def main(argv=None) -> int:
                                       "--output", out]),
                          ("load", ["-c", LOAD, out])):
         runs[name].append(timed(args, os.path.join(work, "stderr.txt")))
-    rows = {}
-    for name, rs in runs.items():
-      walls = sorted(w for w, _ in rs)
-      rows[name] = dict(seconds=walls[len(walls) // 2], peak_rss_gb=max(r for _, r in rs))
+    rows = {name: dict(seconds=statistics.median(w for w, _ in rs),
+                       peak_rss_gb=max(r for _, r in rs),
+                       times_s=[w for w, _ in rs], peak_rss_gb_each=[r for _, r in rs])
+            for name, rs in runs.items()}
     base = rows["reference"]["seconds"]
     result = dict(variant=a.variant, image_size=a.image_size, repeats=a.repeats,
                   checkpoint_gb=os.path.getsize(pth) / 2**30, load_average=os.getloadavg(),
