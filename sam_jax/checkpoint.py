@@ -148,7 +148,8 @@ def is_checkpoint(directory: str) -> Optional[str]:
 # The save is synchronous and nothing touches the arrays meanwhile, so Orbax's defensive
 # copy of each host array (as much memory again as the model) is not needed.
 _SAVE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
-    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.ArrayHandler()))  # without it, Orbax warns on every save
 
 
 def save_sam(directory: str, config: ml_collections.ConfigDict, params: Params,

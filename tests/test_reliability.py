@@ -288,3 +288,13 @@ def test_predict_replaces_only_its_own_outputs(converted, tmp_path, capsys):
   assert predict_cli.main(args + ["--overwrite"]) == 1
   assert "Refusing to replace" in capsys.readouterr().err
   assert (dst / "overlay.png").read_text() == "my notes"
+
+
+def test_a_save_prints_nothing(converted, tmp_path, caplog):
+  """The demo's export and the converter end with their own lines, not Orbax's warnings."""
+  import logging
+  from sam_jax.checkpoint import load_config, save_sam
+  _, out, params = converted
+  with caplog.at_level(logging.WARNING):
+    save_sam(str(tmp_path / "again"), load_config(out), params)
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
