@@ -26,8 +26,8 @@ import functools
 import io
 import logging
 import os
-import re
 import queue
+import re
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
