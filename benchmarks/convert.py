@@ -28,26 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAKE = """
 import sys, torch
-from benchmarks.models import SIZES
-from tests.reference import reference_sam
-d, n, h, g = SIZES[sys.argv[1]]
-ref = reference_sam(embed_dim=d, depth=n, num_heads=h, global_attn_indexes=g,
-                    image_size=int(sys.argv[2]), seed=0)
-torch.save(ref.state_dict(), sys.argv[3])
+from benchmarks.models import reference_model
+torch.save(reference_model(sys.argv[1], int(sys.argv[2])).state_dict(), sys.argv[3])
 """
 # The registry builds 1024-pixel models; at another size the model is built as the checkpoint's.
 REFERENCE = """
 import sys, torch
-from benchmarks.models import SIZES
-from tests.reference import reference_sam
+from benchmarks.models import reference_model
 variant, size, pth = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if size == 1024:
   from segment_anything import sam_model_registry
   sam_model_registry[variant](checkpoint=pth)
 else:
-  d, n, h, g = SIZES[variant]
-  reference_sam(embed_dim=d, depth=n, num_heads=h, global_attn_indexes=g,
-                image_size=size).load_state_dict(torch.load(pth))
+  reference_model(variant, size).load_state_dict(torch.load(pth))
 """
 LOAD = """
 import sys, jax

@@ -25,16 +25,21 @@ def paired_models(variant: str, image_size: int = 1024, seed: int = 0, **overrid
 
   `overrides` update the sam_jax model's config (e.g. dtype="bfloat16").
   """
-  from tests.reference import reference_sam  # torch and segment_anything: import late
-  embed_dim, depth, heads, global_idx = SIZES[variant]
-  ref = reference_sam(embed_dim=embed_dim, depth=depth, num_heads=heads,
-                      global_attn_indexes=global_idx, image_size=image_size, seed=seed)
+  ref = reference_model(variant, image_size, seed)
   state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
   config = infer_config(state_dict)
   _override(config, overrides)
   model = build_sam(config)
   params = state_dict_to_params(state_dict, abstract_params(model))
   return ref, model, params
+
+
+def reference_model(variant: str, image_size: int = 1024, seed: int = 0) -> Any:
+  """The reference (torch) Sam of `variant`'s sizes with seeded random weights."""
+  from tests.reference import reference_sam  # torch and segment_anything: import late
+  embed_dim, depth, heads, global_idx = SIZES[variant]
+  return reference_sam(embed_dim=embed_dim, depth=depth, num_heads=heads,
+                       global_attn_indexes=global_idx, image_size=image_size, seed=seed)
 
 
 def jax_model(variant: str, image_size: int = 1024, **overrides) -> Any:

@@ -65,7 +65,7 @@ def get_config(arg=None):
 
   c.data = dict(
       train_dir="", eval_dir="",
-      generate=dict(num_train=3600 if long else 400, num_eval=24, size=128, max_shapes=5, seed=0),
+      generate=dict(num_train=400, num_eval=24, size=128, max_shapes=5, seed=0),
       max_masks=4, max_mask_fraction=0.9)
   # Corrupt data stops the run (docs/reliability.md): steps without any valid mask,
   # and the share of corrupt examples among those seen.
@@ -73,9 +73,9 @@ def get_config(arg=None):
   c.data.max_skipped_fraction = 0.1
   c.diverge_factor = 100.0  # a parameter norm or loss this many times its usual stops the run
   c.batch_size = 8
-  c.total_steps = 400 if quick else 3600 if long else 900
-  c.log_every = 200 if long else 50
-  c.checkpoint_every = 1200 if long else 300
+  c.total_steps = 400 if quick else 900
+  c.log_every = 50
+  c.checkpoint_every = 300
   c.keep_checkpoints = 2
   c.export = not quick
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
@@ -84,9 +84,13 @@ def get_config(arg=None):
   if quick:
     c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
   # b2 0.95: Adam's second moment forgets the first steps' large gradients sooner (docs/demo.md).
-  c.optim = dict(lr=2e-3, warmup_steps=20, schedule="step", decay_steps=(3000 if long else 750,),
+  c.optim = dict(lr=2e-3, warmup_steps=20, schedule="step", decay_steps=(750,),
                  decay_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS)
+  if long:  # the same schedule stretched four times, on nine times the images
+    c.data.generate.num_train = 3600
+    c.update(dict(total_steps=3600, log_every=200, checkpoint_every=1200))
+    c.optim.decay_steps = (3000,)
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
   common.outputs_off(c)
