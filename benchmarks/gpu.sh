@@ -12,6 +12,9 @@ shift $(($# < 2 ? $# : 2))
 only=" $* "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Steps share compiled programs through JAX's persistent cache: a vit_h training step
+# takes minutes to compile on an H200, and train_vit_h_bf16_max repeats train_vit_h_bf16's.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/sam_jax_gpu_cache}
 start=$SECONDS
 
 limited() {  # limited NAME LIMIT_S COMMAND...: one process, unless past the deadline
@@ -33,15 +36,16 @@ step() {  # step NAME LIMIT_S ARGS...: a benchmarks.run row, results in OUTDIR/N
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   step enc_vit_h_bf16 90 --only encoder --variants vit_h --dtype bfloat16 --batch 1,8 --repeats 10
-  step train_vit_h_bf16 150 --only train --variants vit_h --dtype bfloat16 --train-batch 4 --repeats 3
-  step train_vit_h_bf16_b1 150 --only train --variants vit_h --dtype bfloat16 --train-batch 1 --repeats 3
-  step train_vit_b_bf16 120 --only train --variants vit_b --dtype bfloat16 --train-batch 4 --repeats 3
+  step train_vit_h_bf16 360 --only train --variants vit_h --dtype bfloat16 --train-batch 4 --repeats 3
+  step train_vit_h_bf16_b1 300 --only train --variants vit_h --dtype bfloat16 --train-batch 1 --repeats 3
+  step train_vit_b_bf16 180 --only train --variants vit_b --dtype bfloat16 --train-batch 4 --repeats 3
   # The largest per-device batch: XLA's compiled memory at 8, 16, ... against
   # 95% of the card (JAX's allocator stops at 75% unless told), then two steps.
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_vit_h_bf16_max 300 --only train --variants vit_h \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_vit_h_bf16_max 540 --only train --variants vit_h \
     --dtype bfloat16 --train-batch 4 --train-batch-max 64 --repeats 2
-  # Where the encoder's time goes, by model part (the log has it).
-  limited profile_enc_vit_h_bf16 120 python3 -m benchmarks.profile_encoder --variant vit_h \
+  # Where the encoder's time goes, by model part (the log has it). Without command
+  # buffers: XLA otherwise runs the blocks as one CUDA graph, which the profile sees whole.
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= limited profile_enc_vit_h_bf16 180 python3 -m benchmarks.profile_encoder --variant vit_h \
     --dtype bfloat16 --batch 8
   step amg_vit_h 120 --only decoder,amg --variants vit_h --prompts 1 --points-per-side 32 --photos 512x512 --repeats 3
   # The data engine on 4 photos, the paper's settings (32^2 points, 2 crop layers: 21 crops

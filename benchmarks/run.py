@@ -455,16 +455,23 @@ def bench_train(ref, model, params, variant, args) -> List[Dict[str, Any]]:
   trainer = Trainer(cfg)
   low_res = recipe.low_res_size(trainer.model)
   batch = synthetic_batch(cfg.batch_size, trainer.model.image_size, low_res, args.train_masks)
+  # Progress lines: a row cut off by gpu.sh's time limit still shows how far it got.
+  t = time.perf_counter()
   # Counted on the step's jaxpr (forward and backward of every round, no remat).
   model_flops = flops.train_step_flops(trainer.mcfg, cfg, trainer.abstract_params, batch)
+  print(f"# train: FLOPs counted in {time.perf_counter() - t:.1f}s", flush=True)
 
+  t = time.perf_counter()
   params = init_params(trainer.model, jax.random.key(0))
   state = trainer.init_state(params)
   del params
+  jax.block_until_ready(state)
+  print(f"# train: parameters initialised in {time.perf_counter() - t:.1f}s", flush=True)
   t = time.perf_counter()
   state, metrics = trainer.train_step(state, batch)  # compiles
   jax.block_until_ready(metrics["loss"])
   first_s = time.perf_counter() - t
+  print(f"# train: first step (compiling) {first_s:.1f}s", flush=True)
   times = []
   for _ in range(args.repeats_train):
     t = time.perf_counter()
