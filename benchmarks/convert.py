@@ -68,7 +68,8 @@ def timed(args, log: str) -> tuple:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--variant", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
+  p.add_argument("--variant", default="vit_h", choices=["tiny", "vit_b", "vit_l", "vit_h"],
+                 help="tiny: a 2-block model, a smoke run of the harness")
   p.add_argument("--image-size", type=int, default=1024)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--out", help="a JSON file for the results")

@@ -288,3 +288,24 @@ def test_operations_are_the_accelerators_where_there_is_one(tmp_path):
   with gzip.open(tmp_path / "run" / "host.trace.json.gz", "wt") as f:  # CPU only: the host's
     json.dump(dict(traceEvents=meta[:1] + [op(1, 5.0)]), f)
   assert [e["pid"] for e in operations(str(tmp_path))] == [1]
+
+
+@pytest.mark.slow
+def test_convert_benchmark_times_each_side_and_cleans_up(tmp_path, monkeypatch):
+  from benchmarks import convert
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  out = tmp_path / "convert.json"
+  assert convert.main(["--variant", "tiny", "--image-size", "256", "--repeats", "2",
+                       "--out", str(out)]) == 0
+  with open(out) as f:
+    result = json.load(f)
+  assert set(result["rows"]) == {"reference", "convert", "load"}
+  for name, row in result["rows"].items():
+    assert len(row["times_s"]) == len(row["peak_rss_gb_each"]) == 2, name
+    assert all(_positive(x) for x in row["times_s"] + row["peak_rss_gb_each"]), name
+    assert row["seconds"] == pytest.approx(sum(row["times_s"]) / 2), name  # the median of two
+  assert result["rows"]["reference"]["vs_reference"] == 1.0
+  assert _positive(result["checkpoint_gb"])
+  assert not os.listdir(scratch)  # the checkpoint and its conversion are removed

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +25,39 @@ def test_sigterm_sets_the_notice_and_the_handler_is_restored():
   assert signal.getsignal(signal.SIGTERM) == before
   err = preemption.Preempted("the checkpoint of step 3")
   assert err.code == preemption.EXIT_CODE == 75 and "step 3" in str(err)
+
+
+def test_ctrl_c_during_the_untrained_evaluation_does_not_wait_for_the_compile(
+    tmp_path, monkeypatch):
+  config = tiny_config()
+  config.eval.num_images = 2
+  compiling, release, interrupted_at = threading.Event(), threading.Event(), []
+
+  def slow_compile(self, batch):  # a compile that takes 30 s
+    compiling.set()
+    release.wait(30)
+
+  def interrupted(*args):
+    assert compiling.wait(30)
+    interrupted_at.append(time.monotonic())
+    raise KeyboardInterrupt
+  monkeypatch.setattr(trainer.Trainer, "compile_step", slow_compile)
+  monkeypatch.setattr(trainer, "evaluate_before_training", interrupted)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      trainer.train_and_evaluate(config, str(tmp_path))
+    assert time.monotonic() - interrupted_at[0] < 10
+  finally:
+    release.set()
+
+
+def test_the_background_compile_gives_its_result_or_its_error():
+  assert trainer._Background(lambda x: x + 1, 1).result() == 2
+
+  def fails():
+    raise ValueError("no such batch")
+  with pytest.raises(ValueError, match="no such batch"):  # in the caller's thread
+    trainer._Background(fails).result()
 
 
 def _sigterm_after_save_of(step, monkeypatch):

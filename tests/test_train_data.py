@@ -193,11 +193,17 @@ def test_malformed_annotations_are_skipped_and_counted_never_decoded(tmp_path):
 
 
 def test_config_mistakes_are_clear_errors(tiny, tmp_path, monkeypatch):
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS's lookups leave dirs there
-  for data_dir in (tiny / "nothing_here", tiny / "folder"):  # missing; without the dataset
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # TFDS's lookups leave dirs there
+  cut_off = tmp_path / "cut_off" / "segment_anything" / "1.0.0.incomplete1A2B"  # a build stopped
+  cut_off.mkdir(parents=True)
+  (cut_off / "segment_anything-train.array_record-00000-of-00001").write_bytes(b"")
+  # missing; without the dataset; with a build that did not finish
+  for data_dir in (tiny / "nothing_here", tiny / "folder", tmp_path / "cut_off"):
     with pytest.raises(FileNotFoundError, match="not prepared under .*--file_format=array_record"):
       data.tfds_records("segment_anything", "train", str(data_dir))
-  assert not os.listdir(tmp_path)
+  assert not os.listdir(scratch)
   both = _dcfg(tfds_name="segment_anything", train_dir=str(tiny / "folder"))
   with pytest.raises(ValueError, match="set only one"):
     data.open_examples(both, "train", str(tiny / "folder"), str(tiny), 32, 8, 3, MEAN)

@@ -23,6 +23,7 @@ logged, counted and replaced by one without masks; it never ends a run.
 
 import concurrent.futures
 import functools
+import glob
 import io
 import logging
 import os
@@ -72,8 +73,10 @@ def tfds_records(name: str, split: str = "train", data_dir: Optional[str] = None
         "--data_dir=DATA_DIR` (see TFDS's segment_anything page), then set "
         "config.data.tfds_data_dir=DATA_DIR.")
   # TFDS's builder for a dataset not prepared looks for it on its bucket and leaves an
-  # empty temporary directory behind: a folder without the dataset is answered here.
-  if data_dir and not os.path.isdir(os.path.join(data_dir, re.split(r"[/:]", name)[0])):
+  # empty temporary directory behind: a folder without a finished build (TFDS writes
+  # dataset_info.json last) is answered here.
+  if data_dir and not glob.glob(os.path.join(glob.escape(data_dir), re.split(r"[/:]", name)[0],
+                                             "**", "dataset_info.json"), recursive=True):
     raise not_prepared(data_dir)
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():

@@ -7,12 +7,12 @@ workdir's latest checkpoint, else `config.model_init` (a sam_jax checkpoint
 directory, e.g. a converted release), else from scratch.
 """
 
-import concurrent.futures
 import functools
 import json
 import logging
 import os
 import re
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -318,12 +318,11 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   step_flops = None
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
     # The step compiles on a second thread meanwhile: XLA compiles on one core.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      compiling = pool.submit(trainer.compile_step, trainer.abstract_batch(config.batch_size))
-      summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
-                                                      workdir)
-      step_flops = count_step_flops(trainer)  # while the compile may still run
-      compiling.result()  # its errors are the run's; the first step finds it compiled
+    compiling = _Background(trainer.compile_step, trainer.abstract_batch(config.batch_size))
+    summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
+                                                    workdir)
+    step_flops = count_step_flops(trainer)  # while the compile may still run
+    compiling.result()  # its errors are the run's; the first step finds it compiled
   with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
     if config.get("cache_embeddings"):
       train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
@@ -341,6 +340,30 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
     raise err
   summary["state"] = state
   return summary
+
+
+class _Background:
+  """A call on a daemon thread. Unlike a ThreadPoolExecutor's worker, which the
+  interpreter joins at exit, it does not hold up a run stopped meanwhile (Ctrl-C
+  during the untrained evaluation) for the rest of a compile that can take minutes."""
+
+  def __init__(self, fn, *args):
+    self._value, self._error = None, None
+    self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True,
+                                    name=f"background {getattr(fn, '__name__', fn)}")
+    self._thread.start()
+
+  def _run(self, fn, *args):
+    try:
+      self._value = fn(*args)
+    except BaseException as e:  # noqa: BLE001 - re-raised by result(), in the caller's thread
+      self._error = e
+
+  def result(self):
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._value
 
 
 def open_data(config, workdir: str, trainer: Trainer):
