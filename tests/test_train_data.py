@@ -204,6 +204,15 @@ def test_config_mistakes_are_clear_errors(tiny, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not prepared under .*--file_format=array_record"):
       data.tfds_records("segment_anything", "train", str(data_dir))
   assert not os.listdir(scratch)
+  asked = []  # a bucket's folder is not looked at here: TFDS reads it
+
+  def no_bucket(name, data_dir):
+    asked.append(data_dir)
+    raise FileNotFoundError("no network")
+  monkeypatch.setattr(tfds, "builder", no_bucket)
+  with pytest.raises(FileNotFoundError, match="no network"):
+    data.tfds_records("segment_anything", "train", "gs://bucket/tensorflow_datasets")
+  assert asked == ["gs://bucket/tensorflow_datasets"]
   both = _dcfg(tfds_name="segment_anything", train_dir=str(tiny / "folder"))
   with pytest.raises(ValueError, match="set only one"):
     data.open_examples(both, "train", str(tiny / "folder"), str(tiny), 32, 8, 3, MEAN)

@@ -73,10 +73,11 @@ def tfds_records(name: str, split: str = "train", data_dir: Optional[str] = None
         "--data_dir=DATA_DIR` (see TFDS's segment_anything page), then set "
         "config.data.tfds_data_dir=DATA_DIR.")
   # TFDS's builder for a dataset not prepared looks for it on its bucket and leaves an
-  # empty temporary directory behind: a folder without a finished build (TFDS writes
-  # dataset_info.json last) is answered here.
-  if data_dir and not glob.glob(os.path.join(glob.escape(data_dir), re.split(r"[/:]", name)[0],
-                                             "**", "dataset_info.json"), recursive=True):
+  # empty temporary directory behind: a local folder without a finished build (TFDS
+  # writes dataset_info.json last) is answered here. Remote ones (gs://) are TFDS's.
+  if (data_dir and "://" not in data_dir
+      and not glob.glob(os.path.join(glob.escape(data_dir), re.split(r"[/:]", name)[0], "**",
+                                     "dataset_info.json"), recursive=True)):
     raise not_prepared(data_dir)
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
