@@ -100,6 +100,15 @@ class Run(Processes):
       assert all(p.poll() is None for p in self.procs.values()), self.tails()
       time.sleep(0.05)
 
+  def wait_for_checkpoint(self, step: int, timeout: float = 120) -> None:
+    """Until the checkpoint of `step` is complete: Orbax finishes it in the background,
+    and on a fast machine a few more steps may come first."""
+    deadline = time.time() + timeout
+    while step not in _checkpoints(self.workdir):
+      assert time.time() < deadline, f"no checkpoint {step} in {timeout} s:\n{self.log(0)[-3000:]}"
+      assert all(p.poll() is None for p in self.procs.values()), self.tails()
+      time.sleep(0.05)
+
   def codes(self, timeout: float = 900) -> list:
     """The exit statuses in process order, once all have ended (or been killed at `timeout`)."""
     codes = self.wait(timeout, stop_at_failure=False)
@@ -117,7 +126,10 @@ class Run(Processes):
 
 
 def _checkpoints(workdir) -> list:
-  return sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints")) if x.isdigit())
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(x) for x in os.listdir(folder) if x.isdigit())
 
 
 def _assert_same_training(losses, reference, workdir, rtol=1e-6, atol=1e-6):
@@ -169,7 +181,8 @@ def test_sigterm_saves_a_common_step_and_the_rerun_continues(tmp_path, reference
 
 def test_kill_9_of_one_process_ends_the_other_and_the_rerun_resumes(tmp_path, reference):
   run = Run(tmp_path, "cut", tmp_path / "run", reference["model_init"])
-  run.wait_for_step(EVERY + 2)  # mid-step (steps are most of the run's time)
+  run.wait_for_step(EVERY + 2)  # mid-step (steps are most of the run's time), with
+  run.wait_for_checkpoint(EVERY)  # a complete checkpoint to resume from
   run.process(1).kill()
   killed = time.time()
   codes = run.codes(timeout=120)
