@@ -12,8 +12,8 @@ shift $(($# < 2 ? $# : 2))
 only=" $* "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# Steps share compiled programs through JAX's persistent cache: a vit_h training step
-# takes minutes to compile on an H200, and train_vit_h_bf16_max repeats train_vit_h_bf16's.
+# Steps share compiled programs through JAX's persistent cache: a vit_h training step is
+# slow to compile on an H200, and train_vit_h_bf16_max repeats train_vit_h_bf16's.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/sam_jax_gpu_cache}
 start=$SECONDS
 
