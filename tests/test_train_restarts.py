@@ -94,18 +94,18 @@ class Run(Processes):
 
   def wait_for_step(self, step: int, timeout: float = 900) -> None:
     """Until process 0 has logged `step` (this run's steps start after any resume)."""
-    deadline = time.time() + timeout
-    while self.steps_logged() < step:
-      assert time.time() < deadline, f"no step {step} in {timeout} s:\n{self.log(0)[-3000:]}"
-      assert all(p.poll() is None for p in self.procs.values()), self.tails()
-      time.sleep(0.05)
+    self._wait_until(lambda: self.steps_logged() >= step, f"step {step}", timeout)
 
   def wait_for_checkpoint(self, step: int, timeout: float = 120) -> None:
     """Until the checkpoint of `step` is complete: Orbax finishes it in the background,
     and on a fast machine a few more steps may come first."""
+    self._wait_until(lambda: step in _checkpoints(self.workdir), f"checkpoint {step}", timeout)
+
+  def _wait_until(self, done, what: str, timeout: float) -> None:
+    """Polls `done` while every process runs; a process that ended fails the test."""
     deadline = time.time() + timeout
-    while step not in _checkpoints(self.workdir):
-      assert time.time() < deadline, f"no checkpoint {step} in {timeout} s:\n{self.log(0)[-3000:]}"
+    while not done():
+      assert time.time() < deadline, f"no {what} in {timeout} s:\n{self.log(0)[-3000:]}"
       assert all(p.poll() is None for p in self.procs.values()), self.tails()
       time.sleep(0.05)
 
