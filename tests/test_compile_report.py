@@ -116,9 +116,14 @@ ENTRY %main (p: f32[4,8], x: bf16[1024], y: f32[8,3], z: f32[256]) -> f32[16,8] 
   assert got["all-to-all"]["count"] == 0
 
 
+def _bytes(leaves):
+  return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
 def test_per_chip_state_is_split_by_the_fsdp_degree():
-  trainer = Trainer(tiny_config((1, 4, 1)),
-                    mesh=cr.make_mesh((1, 4, 1), cr.topology_devices("v5e:2x2")))
+  config = tiny_config((1, 4, 1))
+  config.optim.muon_lr = 0.0  # AdamW everywhere
+  trainer = Trainer(config, mesh=cr.make_mesh((1, 4, 1), cr.topology_devices("v5e:2x2")))
   params = trainer.abstract_state["params"]
   single = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   # Left whole: biases, norms, tables and the patch embedding's 3 input channels.
@@ -129,6 +134,14 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
   assert per_chip == (single - whole) // 4 + whole
   # Adam's two moments follow their (trained) parameters.
   assert 1.9 * per_chip <= cr.per_chip_bytes(trainer.abstract_state["opt_state"]) <= 2 * per_chip
+
+  # Muon's momentum of the dense kernels is split as its kernel is: what is left whole
+  # is Adam's two moments of the trained parameters left whole.
+  config.optim.muon_lr = 0.02
+  opt = Trainer(config, mesh=trainer.mesh).abstract_state["opt_state"]
+  whole_opt = _bytes(x for x in jax.tree.leaves(opt) if x.sharding.shard_shape(x.shape) == x.shape)
+  assert abs(whole_opt - 2 * whole) <= 1024  # less the frozen buffer, plus counters
+  assert cr.per_chip_bytes(opt) == (_bytes(jax.tree.leaves(opt)) - whole_opt) // 4 + whole_opt
 
 
 @pytest.mark.slow  # the step compiled twice (rolled; unrolled, for the costs): minutes

@@ -182,3 +182,42 @@ def test_cosine_schedule_after_warmup_ends_at_the_last_decay_step():
   np.testing.assert_allclose(got, [0, 5e-3, 1e-2, 5.5e-3, 1e-3, 1e-3], rtol=1e-5)
   with pytest.raises(ValueError, match="'step' and 'cosine'"):
     _setup("full", schedule="linear")
+
+
+def test_muon_steps_the_dense_kernels_and_adam_the_rest():
+  """`optim.muon_lr` > 0: each 2-D dense kernel gets Muon's orthogonalised step at
+  its own rate; every other parameter gets exactly AdamW's step; frozen ones none."""
+  from optax import contrib
+  fields = dict(layer_decay=1.0, weight_decay=0.0)
+  params, adam_tx, schedule = _setup("frozen_image_encoder", **fields)
+  _, muon_tx, _ = _setup("frozen_image_encoder", muon_lr=0.05, **fields)
+  rng = np.random.RandomState(0)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), params)
+  steps = {}
+  for name, tx in (("adam", adam_tx), ("muon", muon_tx)):
+    state, update = tx.init(params), jax.jit(tx.update)
+    for _ in range(3):
+      updates, state = update(grads, state, params)
+    steps[name] = updates
+  is_muon = optim.muon_params(params)
+  names = {param_groups.path_name(p) for p, m in jax.tree_util.tree_flatten_with_path(is_muon)[0]
+           if m}
+  assert "mask_decoder/transformer/layers_0/mlp/lin1/kernel" in names
+  assert "image_encoder/blocks_0/attn/qkv/kernel" in names
+  assert not any(n.endswith(("/bias", "/embedding", "patch_embed/proj/kernel")) for n in names)
+  flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
+  for (path, a), (_, m), (_, muon) in zip(flat(steps["adam"]), flat(steps["muon"]), flat(is_muon)):
+    if param_groups.path_name(path).startswith("image_encoder/"):
+      assert not np.any(np.asarray(m)), path  # frozen
+    elif not muon:
+      np.testing.assert_allclose(m, a, rtol=1e-6, err_msg=str(path))
+  # One kernel by hand: optax's Muon direction, x muon_lr / lr x sqrt(fan_out / fan_in) x -lr.
+  kernel = grads["mask_decoder"]["transformer"]["layers_0"]["mlp"]["lin1"]["kernel"]
+  ref = contrib.scale_by_muon()
+  state = ref.init(kernel)
+  for _ in range(3):
+    direction, state = ref.update(kernel, state)
+  fan_in, fan_out = kernel.shape
+  want = -float(schedule(2)) * 0.05 / 1e-2 * max(1.0, fan_out / fan_in) ** 0.5 * direction
+  got = steps["muon"]["mask_decoder"]["transformer"]["layers_0"]["mlp"]["lin1"]["kernel"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)

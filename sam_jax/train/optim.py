@@ -1,4 +1,5 @@
-"""AdamW with warmup + step (or cosine) decay, layer-wise lr decay and parameter groups.
+"""AdamW (optionally Muon for the dense kernels) with warmup + step (or cosine)
+decay, layer-wise lr decay and parameter groups.
 
 Which parameters train, and their lr and weight-decay multipliers, are set by
 regular expressions over parameter paths (`param_groups`): `config.freeze`,
@@ -10,6 +11,7 @@ from typing import Any, Callable, List
 
 import jax
 import optax
+from optax import contrib
 
 from sam_jax.train import param_groups
 
@@ -78,21 +80,55 @@ def lr_mults(params, cfg, encoder_depth: int):
                       mults)
 
 
+def muon_params(params):
+  """True for the parameters Muon updates: the 2-D kernels of dense layers."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: len(x.shape) == 2 and param_groups.path_name(path).endswith("/kernel"),
+      params)
+
+
+def direction(cfg, params) -> optax.GradientTransformation:
+  """Adam's update, or with `muon_lr` > 0 Muon's (orthogonalised momentum) for
+  the dense kernels and Adam's for the rest.
+
+  Muon's update has unit spectral norm, so it has its own peak rate `muon_lr`
+  (the schedule's shape, scaled by `muon_lr / lr`), times sqrt(fan_out / fan_in)
+  for kernels wider out than in, as optax's `muon` does. Weight decay stays
+  AdamW's (`weight_decay` x the schedule's lr) for every parameter.
+  """
+  adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
+  muon_lr = cfg.get("muon_lr", 0.0)
+  if not muon_lr:
+    return adam
+  masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
+  dims = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: x if masked(x) else contrib.MuonDimensionNumbers(), tree, is_leaf=masked)
+  is_muon = muon_params(params)
+  scale = jax.tree.map(
+      lambda m, x: muon_lr / cfg.lr * max(1.0, x.shape[-1] / x.shape[0]) ** 0.5 if m else 1.0,
+      is_muon, params)
+  return optax.chain(
+      optax.multi_transform(
+          {"muon": contrib.scale_by_muon(weight_dimension_numbers=dims), "adam": adam},
+          jax.tree.map(lambda m: "muon" if m else "adam", is_muon)),
+      *per_value(optax.scale, scale, skip=1.0))
+
+
 def make_optimizer(cfg, params: Any, encoder_depth: int, freeze):
   """The optimizer and its schedule. `params` may be abstract (shapes only);
   `freeze` is `config.freeze` (see `param_groups`)."""
   schedule = lr_schedule(cfg)
   labels = jax.tree.map(lambda f: "freeze" if f else "train",
                         param_groups.frozen_mask(params, freeze))
-  adamw = optax.chain(
+  step = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.get("grad_clip") else optax.identity(),
-      optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
+      direction(cfg, params),
       *per_value(lambda m: optax.add_decayed_weights(cfg.weight_decay * m),
                  weight_decay_mults(params, cfg), skip=0.0),
       optax.scale_by_learning_rate(schedule))
   tx = optax.chain(
       # Clipping and Adam see only the parameters that train.
-      optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, labels),
+      optax.multi_transform({"train": step, "freeze": optax.set_to_zero()}, labels),
       # After the lr: a per-parameter factor on the whole AdamW step, weight decay included.
       *per_value(optax.scale, lr_mults(params, cfg, encoder_depth), skip=1.0))
   return tx, schedule
