@@ -125,10 +125,9 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
   config.optim.muon_lr = 0.0  # AdamW everywhere
   trainer = Trainer(config, mesh=cr.make_mesh((1, 4, 1), cr.topology_devices("v5e:2x2")))
   params = trainer.abstract_state["params"]
-  single = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  single = _bytes(jax.tree.leaves(params))
   # Left whole: biases, norms, tables and the patch embedding's 3 input channels.
-  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
-              if x.sharding.shard_shape(x.shape) == x.shape)
+  whole = _bytes(x for x in jax.tree.leaves(params) if x.sharding.shard_shape(x.shape) == x.shape)
   assert whole < 0.2 * single
   per_chip = cr.per_chip_bytes(params)
   assert per_chip == (single - whole) // 4 + whole
