@@ -44,9 +44,7 @@ class SubpixelConvTranspose(nn.Module):
                         (2, 2, self.features, x.shape[-1]))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    # One 2-D product: XLA:CPU transposes high-rank arrays of 2-wide axes element by element.
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.reshape(-1, x.shape[-1]).T)
-    return y.reshape(*x.shape[:-1], 2, 2, self.features) + bias
+    return jnp.einsum("...i,abfi->...abf", x, kernel) + bias
 
 
 class ImageCache(NamedTuple):
@@ -177,12 +175,12 @@ class MaskDecoder(nn.Module):
     iou_token_out, mask_tokens_out = hs[..., 0, :], hs[..., 1:1 + n_masks, :]
 
     # The two 2x2 stride-2 transposed convolutions do not overlap, so each is a
-    # matmul to (2, 2, features) per pixel. The maps stay 2-D, pixels in (i, j, a, e,
-    # c, f) order, and are put in place once, on the final masks (one channel).
-    x = self.output_upscaling_0(src.reshape(-1, dim))  # (b p h w, a, e, C/4)
-    x = gelu(self.output_upscaling_1(x.reshape(-1, dim // 4)))
-    upscaled = gelu(self.output_upscaling_3(x))  # (b p h w a e, c, f, C/8)
-    upscaled = upscaled.reshape(b * p, h * w * 16, dim // 8)
+    # matmul to (2, 2, features) per pixel; the pixels are put in place once,
+    # on the final masks (one channel) rather than on 64- and 32-channel maps.
+    x = src.reshape(b, p, h, w, dim)
+    x = self.output_upscaling_0(x)  # (..., a, e, C/4)
+    x = gelu(self.output_upscaling_1(x))
+    upscaled = gelu(self.output_upscaling_3(x))  # (..., a, e, c, f, C/8)
 
     # "all": every token's mask, the single-mask one first (Meta's ONNX decoder returns these).
     keep = (slice(None) if isinstance(multimask_output, str) and multimask_output == "all"
@@ -191,12 +189,9 @@ class MaskDecoder(nn.Module):
     # parameter exists whichever output `init` traces; only the kept masks are made.
     hyper_in = jnp.stack([mlp(mask_tokens_out[..., i, :])
                           for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=-2)
-    hyper_in = hyper_in[:, :, keep]
-    n_out = hyper_in.shape[2]
     # Row 4i + 2a + c, column 4j + 2e + f of the mask is subpixel (a, e), then (c, f), of (i, j).
     with jax.named_scope("mask_product"):  # its own part in the compile report (hlo_costs)
-      masks = jnp.einsum("gmk,gxk->gmx", hyper_in.reshape(b * p, n_out, dim // 8), upscaled,
+      masks = jnp.einsum("npmk,npijaecfk->npmiacjef", hyper_in[:, :, keep], upscaled,
                          preferred_element_type=jnp.float32)
-    masks = masks.reshape(b, p, n_out, h, w, 2, 2, 2, 2).transpose(0, 1, 2, 3, 5, 7, 4, 6, 8)
-    masks = masks.reshape(b, p, n_out, 4 * h, 4 * w)
+    masks = masks.reshape(b, p, -1, 4 * h, 4 * w)
     return masks, self.iou_prediction_head(iou_token_out)[..., keep].astype(jnp.float32)
