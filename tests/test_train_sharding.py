@@ -23,6 +23,7 @@ def test_eight_device_step_equals_one_device_step_and_restores_across_meshes():
   # loss is wrong (docs/training.md, "Sharding").
   config = one_block_train_config()
   config.optim.update(dict(layer_decay=0.8, warmup_steps=0))  # a non-zero first lr
+  config.optim.muon_lr = 0.0  # AdamW: the moments and tolerances below are Adam's
   batch = fake_batch(config, batch_size=4)
 
   results, live, trainers, memory = {}, {}, {}, {}
