@@ -36,7 +36,13 @@ def parse_flags(argv):
   flags.DEFINE_integer("steps", 15, "timed steps (after 3 warm-up steps)", flag_values=fv)
   flags.DEFINE_integer("calls", 3, "profiled steps", flag_values=fv)
   flags.DEFINE_integer("top", 15, "largest operations to list", flag_values=fv)
-  fv(argv)
+  if {"-h", "--help"} & set(argv):
+    print(f"{__doc__}\nFlags:\n{fv.get_help()}")
+    raise SystemExit(0)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    raise SystemExit(f"profile_train_step: {e} (--help lists the flags)") from None
   return fv
 
 

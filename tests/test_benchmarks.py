@@ -246,6 +246,15 @@ def test_profile_train_step_splits_the_time_by_part_and_pass(capsys):
   assert "images/s" in out and len(tables[2].splitlines()) == 1 + 3, out  # the three largest
 
 
+def test_profile_train_step_help_and_a_bad_flag_exit_with_a_message(capsys):
+  from benchmarks import profile_train_step
+  with pytest.raises(SystemExit) as e:
+    profile_train_step.parse_flags(["--help"])
+  assert e.value.code == 0 and "--steps" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="Unknown command line flag 'stepz'.*--help"):
+    profile_train_step.parse_flags(["--stepz", "3"])
+
+
 def test_model_part_reads_the_module_path():
   from benchmarks.profile_encoder import model_part
   path = "jit(f)/Sam.embed_images/image_encoder/blocks_{}/{}/dot_general"

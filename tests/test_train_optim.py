@@ -114,19 +114,19 @@ def test_lr_and_weight_decay_multipliers():
 @pytest.mark.slow
 def test_frozen_parameters_get_no_update_and_layer_decay_scales():
   params, tx, _ = _setup("frozen_image_encoder")
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)  # one program, not op by op
   grads = jax.tree.map(jnp.ones_like, params)
   for _ in range(3):  # past step 0, where the warmup lr is 0
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
   pe = updates["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"]
   assert not np.any(np.asarray(pe))
   assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates["image_encoder"]))
   assert np.all(np.asarray(updates["mask_decoder"]["iou_token"]["embedding"]) != 0)
 
   params, tx, _ = _setup("full", layer_decay=0.5)
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)
   for _ in range(3):
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
   enc = updates["image_encoder"]
   # No weight decay on biases: Adam's step on all-ones gradients is the same for each,
   # so the ratio of bias updates is exactly the layer-decay ratio.

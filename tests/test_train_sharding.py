@@ -84,3 +84,36 @@ def test_eight_device_step_equals_one_device_step_and_restores_across_meshes():
     assert len(kernel.sharding.device_set) == len(trainers[other].mesh.devices.flat)
     assert meta["data_step"] == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), results[saved][0])
+
+
+@pytest.mark.slow
+@with_cpu_devices(8, FAST_COMPILE_FLAGS)
+def test_eight_device_muon_step_equals_one_device_step():
+  """Muon orthogonalises each kernel's whole momentum: under FSDP and tensor
+  sharding it must see the gathered matrix, not a shard's."""
+  from sam_jax.train import optim
+  config = one_block_train_config()
+  config.optim.update(dict(warmup_steps=0, muon_lr=0.01))
+  batch = fake_batch(config, batch_size=4)
+  before, after = {}, {}
+  for name, shape, devices in (("one", (1, 1, 1), jax.devices()[:1]),
+                               ("eight", (2, 2, 2), jax.devices())):
+    tr = trainer.Trainer(config, sharding.make_mesh(shape, devices))
+    state = tr.init_state(random_params(tr.abstract_params))
+    before[name] = jax.device_get(state["params"])
+    state, metrics = tr.train_step(state, batch)
+    after[name] = jax.device_get((state["params"], metrics["loss"]))
+  np.testing.assert_allclose(after["one"][1], after["eight"][1], rtol=1e-5)
+  is_muon = optim.muon_params(before["one"])
+  moved = 0
+  for path, m in jax.tree_util.tree_flatten_with_path(is_muon)[0]:
+    if not m:
+      continue
+    get = lambda t: np.asarray(  # noqa: E731
+        [v for p, v in jax.tree_util.tree_flatten_with_path(t)[0] if p == path][0])
+    d1, d8 = (get(after[k][0]) - get(before[k]) for k in ("one", "eight"))
+    # A shard's orthogonalisation would be another matrix altogether, not noise.
+    np.testing.assert_allclose(d8, d1, rtol=0, atol=1e-3 * np.abs(d1).max(),
+                               err_msg=jax.tree_util.keystr(path))
+    moved += np.abs(d1).max() > 1e-4
+  assert moved >= 10, moved  # every dense kernel took a Muon step
