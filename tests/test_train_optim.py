@@ -189,7 +189,7 @@ def test_muon_steps_the_dense_kernels_and_adam_the_rest():
   its own rate; every other parameter gets exactly AdamW's step; frozen ones none."""
   from optax import contrib
   fields = dict(layer_decay=1.0, weight_decay=0.0)
-  params, adam_tx, schedule = _setup("frozen_image_encoder", **fields)
+  params, adam_tx, schedule = _setup("frozen_image_encoder", muon_lr=0.0, **fields)
   _, muon_tx, _ = _setup("frozen_image_encoder", muon_lr=0.05, **fields)
   rng = np.random.RandomState(0)
   grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), params)
@@ -221,3 +221,31 @@ def test_muon_steps_the_dense_kernels_and_adam_the_rest():
   want = -float(schedule(2)) * 0.05 / 1e-2 * max(1.0, fan_out / fan_in) ** 0.5 * direction
   got = steps["muon"]["mask_decoder"]["transformer"]["layers_0"]["mlp"]["lin1"]["kernel"]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_muon_params_picks_the_kernels_muon_steps():
+  """`optim.muon_params`: Muon for the decoder's dense kernels only; the encoder's get
+  exactly AdamW's step. A pattern that matches nothing is a clear error."""
+  fields = dict(layer_decay=1.0, weight_decay=0.0)
+  params, adam_tx, _ = _setup("full", muon_lr=0.0, **fields)
+  _, muon_tx, _ = _setup("full", muon_lr=0.05, muon_params=("mask_decoder/.*",), **fields)
+  rng = np.random.RandomState(0)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), params)
+  steps = []
+  for tx in (adam_tx, muon_tx):
+    state, update = tx.init(params), jax.jit(tx.update)
+    for _ in range(3):  # past step 0, where the warmup lr is 0
+      updates, state = update(grads, state, params)
+    steps.append(updates)
+  a, m = steps
+  is_muon = optim.muon_params(params, ("mask_decoder/.*",))
+  names = {param_groups.path_name(p) for p, x in jax.tree_util.tree_flatten_with_path(is_muon)[0]
+           if x}
+  assert names and all(n.startswith("mask_decoder/") and n.endswith("/kernel") for n in names)
+  qkv = lambda t: np.asarray(t["image_encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])  # noqa: E731
+  np.testing.assert_allclose(qkv(m), qkv(a), rtol=1e-6)
+  lin1 = lambda t: np.asarray(  # noqa: E731
+      t["mask_decoder"]["transformer"]["layers_0"]["mlp"]["lin1"]["kernel"])
+  assert not np.allclose(lin1(m), lin1(a), rtol=1e-2)
+  with pytest.raises(ValueError, match="config.optim.muon_params.*mask_decodr"):
+    _setup("full", muon_lr=0.05, muon_params=("mask_decodr/.*",))

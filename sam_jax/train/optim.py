@@ -17,6 +17,8 @@ from sam_jax.train import param_groups
 
 # Decay matrices and kernels; not biases, norms, embeddings or position tables.
 DEFAULT_WD_MULTS = ((".*/kernel", 1.0),)
+# With `muon_lr` > 0, which dense kernels (2-D `/kernel`s) Muon steps: all of them.
+DEFAULT_MUON_PARAMS = (".*",)
 
 
 def layer_lr_scales(params, depth: int, decay: float):
@@ -80,11 +82,14 @@ def lr_mults(params, cfg, encoder_depth: int):
                       mults)
 
 
-def muon_params(params):
-  """True for the parameters Muon updates: the 2-D kernels of dense layers."""
+def muon_params(params, patterns=DEFAULT_MUON_PARAMS):
+  """True for the parameters Muon updates: the 2-D kernels of dense layers whose
+  path matches one of `patterns` (`config.optim.muon_params`)."""
+  chosen = param_groups.first_match_values(params, [(p, 1.0) for p in patterns],
+                                           "config.optim.muon_params", 0.0)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: len(x.shape) == 2 and param_groups.path_name(path).endswith("/kernel"),
-      params)
+      lambda path, c, x: bool(c) and len(x.shape) == 2
+      and param_groups.path_name(path).endswith("/kernel"), chosen, params)
 
 
 def direction(cfg, params) -> optax.GradientTransformation:
@@ -103,7 +108,7 @@ def direction(cfg, params) -> optax.GradientTransformation:
   masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
   dims = lambda tree: jax.tree.map(  # noqa: E731
       lambda x: x if masked(x) else contrib.MuonDimensionNumbers(), tree, is_leaf=masked)
-  is_muon = muon_params(params)
+  is_muon = muon_params(params, cfg.get("muon_params", DEFAULT_MUON_PARAMS))
   scale = jax.tree.map(
       lambda m, x: muon_lr / cfg.lr * max(1.0, x.shape[-1] / x.shape[0]) ** 0.5 if m else 1.0,
       is_muon, params)
