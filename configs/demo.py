@@ -84,11 +84,11 @@ def get_config(arg=None):
   if quick:
     c.prompts.update(dict(num_rounds=3, num_no_point_rounds=1))
   # b2 0.95: Adam's second moment forgets the first steps' large gradients sooner.
-  # Muon for the dense kernels learns more per step than AdamW (docs/demo.md).
+  # Muon for the dense and convolution kernels learns more per step than AdamW (docs/demo.md).
   c.optim = dict(lr=2e-3, warmup_steps=20, schedule="step", decay_steps=(750,),
                  decay_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                  layer_decay=1.0, grad_clip=1.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS,
-                 muon_lr=0.01, muon_params=optim.DEFAULT_MUON_PARAMS)
+                 muon_lr=0.01, muon_params=optim.DEFAULT_MUON_PARAMS, muon_convs=True)
   if long:  # the same schedule stretched twice, on nine times the images
     c.data.generate.num_train = 3600
     c.update(dict(total_steps=1800, log_every=100, checkpoint_every=600))

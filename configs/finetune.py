@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.optim = dict(lr=1e-5, warmup_steps=100, decay_steps=(1500,), decay_factor=0.1,
                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8, grad_clip=0.0,
                  lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS, muon_lr=0.0,
-                 muon_params=optim.DEFAULT_MUON_PARAMS)
+                 muon_params=optim.DEFAULT_MUON_PARAMS, muon_convs=False)
   c.remat_rounds = False
   c.unroll_rounds = False
   c.eval = dict(num_images=50, max_masks=16, num_clicks=5, before_training=True)

@@ -81,7 +81,7 @@ def get_config(arg=None):
   c.optim = dict(lr=lr, warmup_steps=250, decay_steps=decays, decay_factor=0.1,
                  b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=layer_decay,
                  grad_clip=0.0, lr_mults=(), wd_mults=optim.DEFAULT_WD_MULTS, muon_lr=0.0,
-                 muon_params=optim.DEFAULT_MUON_PARAMS)
+                 muon_params=optim.DEFAULT_MUON_PARAMS, muon_convs=False)
   c.remat_rounds = True  # 11 decoder rounds x 64 masks: keep only each round's inputs
   c.unroll_rounds = False
   c.eval = dict(num_images=0, max_masks=64, num_clicks=5, before_training=False)

@@ -134,13 +134,21 @@ def test_per_chip_state_is_split_by_the_fsdp_degree():
   # Adam's two moments follow their (trained) parameters.
   assert 1.9 * per_chip <= cr.per_chip_bytes(trainer.abstract_state["opt_state"]) <= 2 * per_chip
 
-  # Muon's momentum of the dense kernels is split as its kernel is: what is left whole
-  # is Adam's two moments of the trained parameters left whole.
-  config.optim.muon_lr = 0.02
-  opt = Trainer(config, mesh=trainer.mesh).abstract_state["opt_state"]
-  whole_opt = _bytes(x for x in jax.tree.leaves(opt) if x.sharding.shard_shape(x.shape) == x.shape)
-  assert abs(whole_opt - 2 * whole) <= 1024  # less the frozen buffer, plus counters
-  assert cr.per_chip_bytes(opt) == (_bytes(jax.tree.leaves(opt)) - whole_opt) // 4 + whole_opt
+  # Muon's momentum of a kernel is split as its kernel is: what is left whole is
+  # Adam's two moments of the trained parameters left whole, one momentum for a
+  # kernel left whole on Muon (the patch embedding's, with the convolutions).
+  from sam_jax.train import optim
+  for convs in (False, True):
+    config.optim.update(dict(muon_lr=0.02, muon_convs=convs))
+    opt = Trainer(config, mesh=trainer.mesh).abstract_state["opt_state"]
+    is_whole = lambda x: x.sharding.shard_shape(x.shape) == x.shape  # noqa: E731
+    whole_opt = _bytes(x for x in jax.tree.leaves(opt) if is_whole(x))
+    muon = jax.tree.leaves(optim.muon_params(params, convs=convs))
+    whole_muon = _bytes(x for x, m in zip(jax.tree.leaves(params), muon) if m and is_whole(x))
+    assert (whole_muon > 0) == convs, whole_muon
+    # Less the frozen buffer, plus counters:
+    assert abs(whole_opt - (2 * whole - whole_muon)) <= 1024
+    assert cr.per_chip_bytes(opt) == (_bytes(jax.tree.leaves(opt)) - whole_opt) // 4 + whole_opt
 
 
 @pytest.mark.slow  # the step compiled twice (rolled; unrolled, for the costs): minutes

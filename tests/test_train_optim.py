@@ -184,13 +184,14 @@ def test_cosine_schedule_after_warmup_ends_at_the_last_decay_step():
     _setup("full", schedule="linear")
 
 
-def test_muon_steps_the_dense_kernels_and_adam_the_rest():
-  """`optim.muon_lr` > 0: each 2-D dense kernel gets Muon's orthogonalised step at
-  its own rate; every other parameter gets exactly AdamW's step; frozen ones none."""
+def test_muon_steps_the_kernels_and_adam_the_rest():
+  """`optim.muon_lr` > 0: each dense kernel, and with `muon_convs` each convolution's,
+  gets Muon's orthogonalised step at its own rate; every other parameter gets exactly
+  AdamW's step; frozen ones none."""
   from optax import contrib
   fields = dict(layer_decay=1.0, weight_decay=0.0)
   params, adam_tx, schedule = _setup("frozen_image_encoder", muon_lr=0.0, **fields)
-  _, muon_tx, _ = _setup("frozen_image_encoder", muon_lr=0.05, **fields)
+  _, muon_tx, _ = _setup("frozen_image_encoder", muon_lr=0.05, muon_convs=True, **fields)
   rng = np.random.RandomState(0)
   grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), params)
   steps = {}
@@ -199,12 +200,15 @@ def test_muon_steps_the_dense_kernels_and_adam_the_rest():
     for _ in range(3):
       updates, state = update(grads, state, params)
     steps[name] = updates
-  is_muon = optim.muon_params(params)
+  is_muon = optim.muon_params(params, convs=True)
   names = {param_groups.path_name(p) for p, m in jax.tree_util.tree_flatten_with_path(is_muon)[0]
            if m}
-  assert "mask_decoder/transformer/layers_0/mlp/lin1/kernel" in names
-  assert "image_encoder/blocks_0/attn/qkv/kernel" in names
-  assert not any(n.endswith(("/bias", "/embedding", "patch_embed/proj/kernel")) for n in names)
+  assert {"mask_decoder/transformer/layers_0/mlp/lin1/kernel", "image_encoder/neck_0/kernel",
+          "image_encoder/blocks_0/attn/qkv/kernel", "image_encoder/patch_embed/proj/kernel",
+          "mask_decoder/output_upscaling_0/kernel"} <= names
+  assert not any(n.endswith(("/bias", "/embedding", "/scale")) for n in names)
+  dense_only = optim.muon_params(params)
+  assert not dense_only["image_encoder"]["patch_embed"]["proj"]["kernel"]
   flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]  # noqa: E731
   for (path, a), (_, m), (_, muon) in zip(flat(steps["adam"]), flat(steps["muon"]), flat(is_muon)):
     if param_groups.path_name(path).startswith("image_encoder/"):
@@ -221,6 +225,27 @@ def test_muon_steps_the_dense_kernels_and_adam_the_rest():
   want = -float(schedule(2)) * 0.05 / 1e-2 * max(1.0, fan_out / fan_in) ** 0.5 * direction
   got = steps["muon"]["mask_decoder"]["transformer"]["layers_0"]["mlp"]["lin1"]["kernel"]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+  # A transposed convolution's kernel, (kh, kw, out, in): Muon on its (in, kh kw out) matrix.
+  kernel = grads["mask_decoder"]["output_upscaling_3"]["kernel"]
+  kh, kw, out, fan_in = kernel.shape
+  matrix = jnp.transpose(kernel, (3, 0, 1, 2)).reshape(fan_in, kh * kw * out)
+  state = ref.init(matrix)
+  for _ in range(3):
+    direction, state = ref.update(matrix, state)
+  want = -float(schedule(2)) * 0.05 / 1e-2 * max(1.0, kh * kw * out / fan_in) ** 0.5 * direction
+  want = jnp.transpose(want.reshape(fan_in, kh, kw, out), (1, 2, 3, 0))
+  got = steps["muon"]["mask_decoder"]["output_upscaling_3"]["kernel"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+  # A convolution's kernel, (kh, kw, in, out): Muon on its (kh kw in, out) matrix.
+  kernel = grads["prompt_encoder"]["mask_downscaling_3"]["kernel"]
+  matrix = kernel.reshape(-1, kernel.shape[-1])
+  state = ref.init(matrix)
+  for _ in range(3):
+    direction, state = ref.update(matrix, state)
+  fan_in, fan_out = matrix.shape
+  want = -float(schedule(2)) * 0.05 / 1e-2 * max(1.0, fan_out / fan_in) ** 0.5 * direction
+  got = steps["muon"]["prompt_encoder"]["mask_downscaling_3"]["kernel"]
+  np.testing.assert_allclose(got, want.reshape(kernel.shape), rtol=1e-5, atol=1e-8)
 
 
 def test_muon_params_picks_the_kernels_muon_steps():

@@ -104,7 +104,7 @@ def test_eight_device_muon_step_equals_one_device_step():
     state, metrics = tr.train_step(state, batch)
     after[name] = jax.device_get((state["params"], metrics["loss"]))
   np.testing.assert_allclose(after["one"][1], after["eight"][1], rtol=1e-5)
-  is_muon = optim.muon_params(before["one"])
+  is_muon = optim.muon_params(before["one"], convs=config.optim.muon_convs)
   moved = 0
   for path, m in jax.tree_util.tree_flatten_with_path(is_muon)[0]:
     if not m:

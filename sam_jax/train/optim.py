@@ -1,4 +1,4 @@
-"""AdamW (optionally Muon for the dense kernels) with warmup + step (or cosine)
+"""AdamW (optionally Muon for the dense and convolution kernels) with warmup + step (or cosine)
 decay, layer-wise lr decay and parameter groups.
 
 Which parameters train, and their lr and weight-decay multipliers, are set by
@@ -6,8 +6,10 @@ regular expressions over parameter paths (`param_groups`): `config.freeze`,
 `config.optim.lr_mults` and `config.optim.wd_mults`.
 """
 
+import math
 import operator
-from typing import Any, Callable, List
+import re
+from typing import Any, Callable, List, Tuple
 
 import jax
 import optax
@@ -17,8 +19,12 @@ from sam_jax.train import param_groups
 
 # Decay matrices and kernels; not biases, norms, embeddings or position tables.
 DEFAULT_WD_MULTS = ((".*/kernel", 1.0),)
-# With `muon_lr` > 0, which dense kernels (2-D `/kernel`s) Muon steps: all of them.
+# With `muon_lr` > 0, which kernels Muon steps (the dense layers', and with `muon_convs`
+# the convolutions'): all of them.
 DEFAULT_MUON_PARAMS = (".*",)
+# The decoder's transposed convolutions keep their kernels as (kh, kw, out, in)
+# (`SubpixelConvTranspose`); every other 4-D kernel is nn.Conv's (kh, kw, in, out).
+TRANSPOSED_CONV_KERNEL = re.compile(r"mask_decoder/output_upscaling_\d+/kernel")
 
 
 def layer_lr_scales(params, depth: int, decay: float):
@@ -82,19 +88,37 @@ def lr_mults(params, cfg, encoder_depth: int):
                       mults)
 
 
-def muon_params(params, patterns=DEFAULT_MUON_PARAMS):
-  """True for the parameters Muon updates: the 2-D kernels of dense layers whose
-  path matches one of `patterns` (`config.optim.muon_params`)."""
+def muon_params(params, patterns=DEFAULT_MUON_PARAMS, convs: bool = False):
+  """True for the parameters Muon updates: the kernels of dense layers (2-D) and,
+  with `convs`, of convolutions (4-D), whose path matches one of `patterns`
+  (`config.optim.muon_params`, `muon_convs`)."""
   chosen = param_groups.first_match_values(params, [(p, 1.0) for p in patterns],
                                            "config.optim.muon_params", 0.0)
+  ranks = (2, 4) if convs else (2,)
   return jax.tree_util.tree_map_with_path(
-      lambda path, c, x: bool(c) and len(x.shape) == 2
+      lambda path, c, x: bool(c) and len(x.shape) in ranks
       and param_groups.path_name(path).endswith("/kernel"), chosen, params)
+
+
+def muon_dims(shape) -> contrib.MuonDimensionNumbers:
+  """A kernel as the matrix Muon orthogonalises: a convolution's (kh kw c, c') (which
+  of c, c' is the input does not change the orthogonalised matrix)."""
+  if len(shape) == 2:
+    return contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+  return contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+
+
+def muon_fans(name: str, shape) -> Tuple[int, int]:
+  """(fan_in, fan_out) of a dense or convolution kernel."""
+  if TRANSPOSED_CONV_KERNEL.fullmatch(name):
+    return shape[-1], math.prod(shape[:-1])
+  return math.prod(shape[:-1]), shape[-1]
 
 
 def direction(cfg, params) -> optax.GradientTransformation:
   """Adam's update, or with `muon_lr` > 0 Muon's (orthogonalised momentum) for
-  the dense kernels and Adam's for the rest.
+  the dense kernels (and with `muon_convs` the convolutions', each as its
+  (fan_in, fan_out) matrix) and Adam's for the rest.
 
   Muon's update has unit spectral norm, so it has its own peak rate `muon_lr`
   (the schedule's shape, scaled by `muon_lr / lr`), times sqrt(fan_out / fan_in)
@@ -107,11 +131,16 @@ def direction(cfg, params) -> optax.GradientTransformation:
     return adam
   masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
   dims = lambda tree: jax.tree.map(  # noqa: E731
-      lambda x: x if masked(x) else contrib.MuonDimensionNumbers(), tree, is_leaf=masked)
-  is_muon = muon_params(params, cfg.get("muon_params", DEFAULT_MUON_PARAMS))
-  scale = jax.tree.map(
-      lambda m, x: muon_lr / cfg.lr * max(1.0, x.shape[-1] / x.shape[0]) ** 0.5 if m else 1.0,
-      is_muon, params)
+      lambda x: x if masked(x) else muon_dims(x.shape), tree, is_leaf=masked)
+  is_muon = muon_params(params, cfg.get("muon_params", DEFAULT_MUON_PARAMS),
+                        cfg.get("muon_convs", False))
+
+  def factor(path, m, x):
+    if not m:
+      return 1.0
+    fan_in, fan_out = muon_fans(param_groups.path_name(path), x.shape)
+    return muon_lr / cfg.lr * max(1.0, fan_out / fan_in) ** 0.5
+  scale = jax.tree_util.tree_map_with_path(factor, is_muon, params)
   return optax.chain(
       optax.multi_transform(
           {"muon": contrib.scale_by_muon(weight_dimension_numbers=dims), "adam": adam},
