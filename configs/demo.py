@@ -35,8 +35,7 @@ def tiny_model(image_size: int = 128) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   """`arg` 'quick': the test's shortened run (400 steps, 3 prompt rounds in place of 11, no export).
-  'long': twice the steps on nine times the generated images (1800 steps, 3600 images),
-  with Muon for the dense kernels only, as it was measured.
+  'long': twice the steps on nine times the generated images (1800 steps, 3600 images).
 
   A step's time grows with its rounds; the test (tests/test_train_demo.py) asks
   only that the model learns, which 3 rounds show. The long run needs more images:
@@ -94,7 +93,6 @@ def get_config(arg=None):
     c.data.generate.num_train = 3600
     c.update(dict(total_steps=1800, log_every=100, checkpoint_every=600))
     c.optim.decay_steps = (1500,)
-    c.optim.muon_convs = False  # as measured: Muon for the dense kernels only
   c.remat_rounds = False
   c.eval = dict(num_images=24, max_masks=8, num_clicks=5, before_training=True)
   common.outputs_off(c)
