@@ -330,3 +330,15 @@ def test_the_recipe_pads_point_prompts_only(monkeypatch):
     is_box = labels[..., 0] == BOX_TOP_LEFT
     assert is_box.any() and (~is_box).any()
     np.testing.assert_array_equal(pad, ~is_box)
+
+
+def test_gradient_barrier_is_the_identity_whose_gradient_xla_stores():
+  """`recipe.gradient_barrier`: the same value and gradient as without it; on CPU
+  its gradient passes through a product (with the identity) that XLA does not fuse into."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 8, 8), jnp.float32)
+  loss = lambda x: jnp.sum(jax.nn.sigmoid(x) ** 2)  # noqa: E731
+  with_barrier = jax.jit(jax.grad(lambda x: loss(recipe.gradient_barrier(x))))
+  np.testing.assert_array_equal(recipe.gradient_barrier(x), x)
+  np.testing.assert_array_equal(with_barrier(x), jax.grad(loss)(x))
+  hlo = with_barrier.lower(x).compile().as_text()
+  assert " dot(" in hlo and " dot(" not in jax.jit(jax.grad(loss)).lower(x).compile().as_text()

@@ -47,6 +47,28 @@ def upsample(logits: jax.Array, size: Tuple[int, int]) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST)  # thresholded at 0: no TF32
 
 
+@jax.custom_vjp
+def gradient_barrier(x: jax.Array) -> jax.Array:
+  """The identity; on CPU its gradient is computed once and stored.
+
+  Without it, XLA:CPU fuses the loss's gradient into each consumer of the mask
+  logits' gradient and computes it again per channel of the upscaled maps that
+  made them (docs/demo.md, "A step by operation"). A product with the identity
+  is an operation it does not fuse through (it drops `optimization_barrier`).
+  """
+  return x
+
+
+def _stored_on_cpu(g: jax.Array) -> jax.Array:
+  eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+  stored = lambda g: jnp.einsum("...ij,jk->...ik", g, eye,  # noqa: E731
+                                precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.platform_dependent(g, cpu=stored, default=lambda g: g)
+
+
+gradient_barrier.defvjp(lambda x: (x, None), lambda _, g: (_stored_on_cpu(g),))
+
+
 def embed(model: Sam, params, batch, key, train: bool) -> jax.Array:
   """Image embeddings: precomputed ones if the batch has them, else the encoder's."""
   if "embeddings" in batch:
@@ -204,6 +226,7 @@ def simulate(params, model: Sam, batch: Dict[str, jax.Array], key: jax.Array, co
 
   @jax.named_scope("losses")  # named scopes let the compile report attribute the ops
   def score(logits, iou_pred):
+    logits = gradient_barrier(logits)
     return losses.mask_losses(upsample(logits, gt.shape[-2:]), gt, iou_pred, weights,
                               loss_params)
 
