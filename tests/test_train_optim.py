@@ -248,6 +248,38 @@ def test_muon_steps_the_kernels_and_adam_the_rest():
   np.testing.assert_allclose(got, want.reshape(kernel.shape), rtol=1e-5, atol=1e-8)
 
 
+def test_stacked_muon_is_optax_muon_kernel_by_kernel():
+  """`optim.scale_by_muon_stacked` runs the Newton-Schulz iterations of all kernels of one
+  matrix shape together: the same updates as optax's `scale_by_muon` on each kernel
+  (a convolution's as its (kh kw c, c') matrix), the momentum kept per kernel as optax
+  keeps it (so it shards as its parameter), and the kernels other transforms own left out."""
+  import optax
+  from optax import contrib
+  shapes = {"a": (64, 64), "b": (64, 64), "c": (32, 64), "conv": (2, 2, 16, 16),
+            "convT": (2, 2, 16, 4), "bias": (64,)}
+  rng = np.random.RandomState(0)
+  params = {k: jnp.asarray(rng.randn(*s), jnp.float32) for k, s in shapes.items()}
+  labels = {k: "adam" if k == "bias" else "muon" for k in shapes}
+  dims = {k: contrib.MuonDimensionNumbers(tuple(range(len(s) - 1)), len(s) - 1)
+          for k, s in shapes.items() if k != "bias"}
+
+  def of(muon):
+    return optax.multi_transform({"muon": muon, "adam": optax.scale_by_adam()}, labels)
+  masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
+  per_kernel = of(contrib.scale_by_muon(weight_dimension_numbers=lambda tree: {
+      k: x if masked(x) else dims[k] for k, x in tree.items()}))
+  stacked = of(optim.scale_by_muon_stacked())
+  want, got = per_kernel.init(params), stacked.init(params)
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for _ in range(3):
+    grads = {k: jnp.asarray(rng.randn(*s), jnp.float32) for k, s in shapes.items()}
+    u_want, want = jax.jit(per_kernel.update)(grads, want)
+    u_got, got = jax.jit(stacked.update)(grads, got)
+    for k in shapes:
+      np.testing.assert_allclose(u_got[k], u_want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+
 def test_muon_params_picks_the_kernels_muon_steps():
   """`optim.muon_params`: Muon for the decoder's dense kernels only; the encoder's get
   exactly AdamW's step. A pattern that matches nothing is a clear error."""

@@ -12,6 +12,7 @@ import re
 from typing import Any, Callable, List, Tuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax import contrib
 
@@ -100,12 +101,11 @@ def muon_params(params, patterns=DEFAULT_MUON_PARAMS, convs: bool = False):
       and param_groups.path_name(path).endswith("/kernel"), chosen, params)
 
 
-def muon_dims(shape) -> contrib.MuonDimensionNumbers:
-  """A kernel as the matrix Muon orthogonalises: a convolution's (kh kw c, c') (which
-  of c, c' is the input does not change the orthogonalised matrix)."""
-  if len(shape) == 2:
-    return contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-  return contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+def matrix_shape(shape) -> Tuple[int, int]:
+  """The matrix Muon orthogonalises for a dense (in, out) or convolution (kh, kw, c, c')
+  kernel: (in, out) or (kh kw c, c') (which of c, c' is the input does not change
+  the orthogonalised matrix)."""
+  return math.prod(shape[:-1]), shape[-1]
 
 
 def muon_fans(name: str, shape) -> Tuple[int, int]:
@@ -113,6 +113,55 @@ def muon_fans(name: str, shape) -> Tuple[int, int]:
   if TRANSPOSED_CONV_KERNEL.fullmatch(name):
     return shape[-1], math.prod(shape[:-1])
   return math.prod(shape[:-1]), shape[-1]
+
+
+def scale_by_muon_stacked(**muon_kwargs) -> optax.GradientTransformation:
+  """optax's `contrib.scale_by_muon` on the kernels, each as its `matrix_shape`,
+  with the Newton-Schulz iterations of all kernels of one matrix shape run as one
+  batched product.
+
+  The state is optax's (one momentum per kernel, so it shards and checkpoints as
+  the parameters do); only the update is stacked. One kernel at a time, the
+  iterations are thousands of small products (the larger part of Muon's cost
+  on a small model).
+  """
+  inner = contrib.scale_by_muon(
+      weight_dimension_numbers=lambda tree: jax.tree.map(
+          lambda _: contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), tree),
+      **muon_kwargs)
+  masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
+
+  def groups(leaves):
+    """{matrix shape: indices of the leaves of that shape}, MaskedNodes left out."""
+    out = {}
+    for i, x in enumerate(leaves):
+      if not masked(x):
+        out.setdefault(matrix_shape(x.shape), []).append(i)
+    return out
+
+  def stack(leaves, by_shape):
+    return {f"{a}x{b}": jnp.stack([leaves[i].reshape(a, b) for i in idx])
+            for (a, b), idx in by_shape.items()}
+
+  def unstack(stacked, like, by_shape):
+    leaves = list(like)
+    for (a, b), idx in by_shape.items():
+      for j, i in enumerate(idx):
+        leaves[i] = stacked[f"{a}x{b}"][j].reshape(like[i].shape)
+    return leaves
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=masked)
+    mu = jax.tree.leaves(state.mu, is_leaf=masked)
+    by_shape = groups(leaves)
+    new, stacked_state = inner.update(stack(leaves, by_shape),
+                                      state._replace(mu=stack(mu, by_shape)))
+    return (jax.tree.unflatten(treedef, unstack(new, leaves, by_shape)),
+            stacked_state._replace(mu=jax.tree.unflatten(
+                treedef, unstack(stacked_state.mu, mu, by_shape))))
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def direction(cfg, params) -> optax.GradientTransformation:
@@ -129,9 +178,6 @@ def direction(cfg, params) -> optax.GradientTransformation:
   muon_lr = cfg.get("muon_lr", 0.0)
   if not muon_lr:
     return adam
-  masked = lambda x: isinstance(x, optax.transforms.MaskedNode)  # noqa: E731
-  dims = lambda tree: jax.tree.map(  # noqa: E731
-      lambda x: x if masked(x) else muon_dims(x.shape), tree, is_leaf=masked)
   is_muon = muon_params(params, cfg.get("muon_params", DEFAULT_MUON_PARAMS),
                         cfg.get("muon_convs", False))
 
@@ -143,7 +189,7 @@ def direction(cfg, params) -> optax.GradientTransformation:
   scale = jax.tree_util.tree_map_with_path(factor, is_muon, params)
   return optax.chain(
       optax.multi_transform(
-          {"muon": contrib.scale_by_muon(weight_dimension_numbers=dims), "adam": adam},
+          {"muon": scale_by_muon_stacked(), "adam": adam},
           jax.tree.map(lambda m: "muon" if m else "adam", is_muon)),
       *per_value(optax.scale, scale, skip=1.0))
 
