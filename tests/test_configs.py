@@ -63,7 +63,9 @@ def test_bad_configs_are_clear_errors():
   with pytest.raises(ValueError, match="'quick', 'long' or nothing, not 'lng'"):
     demo.get_config("lng")
   long, short = demo.get_config("long"), demo.get_config()
-  assert long.total_steps == 2 * short.total_steps and long.data.generate.num_train > 400
+  assert long.total_steps == 2 * short.total_steps
+  assert long.data.generate.num_train == short.data.generate.num_train > 400
+  assert demo.get_config("quick").data.generate.num_train == 400
   assert long.optim.decay_steps[0] / long.total_steps == short.optim.decay_steps[0] / short.total_steps
 
 
