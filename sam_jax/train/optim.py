@@ -111,8 +111,8 @@ def matrix_shape(shape) -> Tuple[int, int]:
 def muon_fans(name: str, shape) -> Tuple[int, int]:
   """(fan_in, fan_out) of a dense or convolution kernel."""
   if TRANSPOSED_CONV_KERNEL.fullmatch(name):
-    return shape[-1], math.prod(shape[:-1])
-  return math.prod(shape[:-1]), shape[-1]
+    return matrix_shape(shape)[::-1]
+  return matrix_shape(shape)
 
 
 def scale_by_muon_stacked(**muon_kwargs) -> optax.GradientTransformation:

@@ -53,7 +53,7 @@ def gradient_barrier(x: jax.Array) -> jax.Array:
 
   Without it, XLA:CPU fuses the loss's gradient into each consumer of the mask
   logits' gradient and computes it again per channel of the upscaled maps that
-  made them (docs/demo.md, "A step by operation"). A product with the identity
+  made them (docs/demo.md, "A shorter step, and more images"). A product with the identity
   is an operation it does not fuse through (it drops `optimization_barrier`).
   """
   return x

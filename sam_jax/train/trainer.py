@@ -310,8 +310,8 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   trainer = Trainer(config)
   if config.get("cache_embeddings"):
     embedding_cache.check_config(config, trainer.mcfg)  # before any work: refuses freeze='full'
-  # The step compiles on a second thread while the data is written and the untrained
-  # model evaluated: XLA compiles a program on one core.
+  # The step compiles on a second thread from the start, so that the data writing and
+  # the untrained evaluation share the cores with it rather than wait before it.
   compiling = _Background(trainer.compile_step, trainer.abstract_batch(config.batch_size))
   train_src, eval_examples = open_data(config, workdir, trainer)
   mgr = checkpoint_manager(workdir, config, check_writable=True)
