@@ -310,9 +310,6 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
   trainer = Trainer(config)
   if config.get("cache_embeddings"):
     embedding_cache.check_config(config, trainer.mcfg)  # before any work: refuses freeze='full'
-  # The step compiles on a second thread from the start, so that the data writing and
-  # the untrained evaluation share the cores with it rather than wait before it.
-  compiling = _Background(trainer.compile_step, trainer.abstract_batch(config.batch_size))
   train_src, eval_examples = open_data(config, workdir, trainer)
   mgr = checkpoint_manager(workdir, config, check_writable=True)
   summary = _read_summary(workdir)
@@ -320,10 +317,12 @@ def train_and_evaluate(config, workdir: str, stop_at: Optional[int] = None,
                                                            restart_data_order)
   step_flops = None
   if not resumed and eval_examples is not None and config.eval.get("before_training", True):
+    # The step compiles on a second thread meanwhile: XLA compiles on one core.
+    compiling = _Background(trainer.compile_step, trainer.abstract_batch(config.batch_size))
     summary["untrained"] = evaluate_before_training(trainer, state, eval_examples, config,
                                                     workdir)
     step_flops = count_step_flops(trainer)  # while the compile may still run
-  compiling.result()  # its errors are the run's; the first step finds it compiled
+    compiling.result()  # its errors are the run's; the first step finds it compiled
   with preemption.Notice() as notice:  # from here to the last step, a SIGTERM saves the run
     if config.get("cache_embeddings"):
       train_src = with_embedding_cache(config, trainer, state, train_src, workdir, notice)
